@@ -1,0 +1,265 @@
+"""`convert(model, config)`: find SwiGLU FFNs by structure and swap in bank-sparse ones, in place."""
+
+from __future__ import annotations
+
+import logging
+import re
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from upcycle.config import BankSparseConfig
+from upcycle.kernels.reference import bank_topk_indices, bank_topk_mask
+from upcycle.modules import BankSparseSwiGLU, DenseSwiGLU, sparse_ffns
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUPPORTED = "Llama, Qwen2/Qwen2.5, Qwen3, Mistral and other models whose FFN is SwiGLU"
+
+
+def _is_silu(act: nn.Module | None) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def _has_glu_linears(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _layer_index(name: str, fallback: int) -> int:
+    numbers = re.findall(r"\.(\d+)\.", f".{name}.")
+    return int(numbers[-1]) if numbers else fallback
+
+
+def find_swiglu_ffns(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
+    """(name, layer index, module) of every dense SwiGLU FFN; ValueError naming the problem if none."""
+    found, non_silu = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, BankSparseSwiGLU) or not _has_glu_linears(m):
+            continue
+        if _is_silu(getattr(m, "act_fn", None)):
+            found.append((name, _layer_index(name, len(found)), m))
+        else:
+            non_silu.append((name, type(getattr(m, "act_fn", None)).__name__))
+    if found:
+        return found
+    arch = type(model).__name__
+    if any(isinstance(m, BankSparseSwiGLU) for m in model.modules()):
+        raise ValueError(f"{arch} is already converted: convert the original dense model instead.")
+    if non_silu:
+        raise ValueError(
+            f"{arch}: FFN {non_silu[0][0]} is gated but its activation is {non_silu[0][1]}, not SiLU. "
+            f"upcycle supports SwiGLU FFNs ({SUPPORTED})."
+        )
+    raise ValueError(
+        f"{arch} has no SwiGLU FFN (modules with gate_proj, up_proj, down_proj and a SiLU act_fn). "
+        f"Unsupported architecture: upcycle supports {SUPPORTED}."
+    )
+
+
+def convert(
+    model: nn.Module,
+    config: BankSparseConfig | None = None,
+    calibration_ids: Tensor | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Swap every selected SwiGLU FFN of `model` for a BankSparseSwiGLU, in place; returns `model`.
+
+    Dense weights are reused as they are (same tensors, same HF names); the predictor is initialised
+    by `config.predictor_init`. `calibrate` needs `calibration_ids` ([N, L] token ids).
+    """
+    config = config or BankSparseConfig()
+    ffns = find_swiglu_ffns(model)
+    by_layer = {idx: (name, m) for name, idx, m in ffns}
+    layers = sorted(by_layer) if config.layers is None else config.layers
+    missing = [i for i in layers if i not in by_layer]
+    if missing:
+        raise ValueError(
+            f"layers {missing} have no SwiGLU FFN; this model has FFN layers {sorted(by_layer)}."
+        )
+    stray = [i for i in config.keep_per_layer if i not in layers]
+    if stray:
+        raise ValueError(f"keep_per_layer names layers {stray} that are not converted (layers={layers}).")
+    d_ff = by_layer[layers[0]][1].gate_proj.out_features
+    if d_ff % config.bank_size:
+        raise ValueError(
+            f"intermediate_size={d_ff} is not divisible by bank_size={config.bank_size}: "
+            f"choose a bank_size that divides {d_ff} (e.g. {_divisor_near(d_ff, config.bank_size)})."
+        )
+    if config.predictor_init == "calibrate" and calibration_ids is None:
+        raise ValueError("predictor_init='calibrate' needs calibration_ids (token ids [N, L]); or use 'svd'.")
+
+    captured = None
+    if config.predictor_init == "calibrate":
+        captured = capture_ffn_inputs(model, [by_layer[i][1] for i in layers], calibration_ids, progress)
+
+    for i in tqdm(layers, desc="convert", disable=not progress):
+        name, dense = by_layer[i]
+        hidden = dense.gate_proj.in_features
+        sparse = BankSparseSwiGLU(
+            dense.gate_proj,
+            dense.up_proj,
+            dense.down_proj,
+            dense.act_fn,
+            bank_size=config.bank_size,
+            keep=config.keep_for(i),
+            rank=config.rank_for(hidden),
+            gate_mode=config.gate_mode,
+            ste_temperature=config.ste_temperature,
+            sigmoid_scale_init=config.sigmoid_scale_init,
+            layer_idx=i,
+        )
+        if config.predictor_init in ("svd", "calibrate"):
+            init_predictor_svd(sparse)
+        if config.predictor_init == "calibrate":
+            x = captured.pop(0)
+            fit_predictor(sparse, x, steps=config.calibrate_steps, lr=config.calibrate_lr)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
+
+    _record(model, config)
+    return model
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Swap every BankSparseSwiGLU back to a dense SwiGLU (same weight tensors), in place.
+
+    The predictor is dropped; the result computes the dense function of the current FFN weights
+    (the frozen teacher of distillation, the `dense` row of a comparison).
+    """
+    for name, m in list(sparse_ffns(model)):
+        parent_name, _, child = name.rpartition(".")
+        dense = DenseSwiGLU(m.gate_proj, m.up_proj, m.down_proj, m.act_fn)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    if hasattr(model, "config") and hasattr(model.config, "upcycle"):
+        del model.config.upcycle
+    for attr in ("upcycle_config", "save_pretrained"):
+        model.__dict__.pop(attr, None)
+    return model
+
+
+def _divisor_near(n: int, target: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - target), -d))
+
+
+def _record(model: nn.Module, config: BankSparseConfig) -> None:
+    """Write the sparsity into `model.config` and make `model.save_pretrained` atomic."""
+    if hasattr(model, "config"):
+        model.config.upcycle = upcycle_metadata(model, config)
+    if hasattr(model, "save_pretrained"):
+        from upcycle.io import save
+
+        def save_pretrained(self, save_directory, tokenizer=None, **kwargs):
+            return save(self, save_directory, tokenizer=tokenizer, **kwargs)
+
+        model.save_pretrained = types.MethodType(save_pretrained, model)
+    model.upcycle_config = config
+
+
+def upcycle_metadata(model: nn.Module, config: BankSparseConfig) -> dict:
+    """The `upcycle` entry of config.json: the recipe, synced with each module's live `keep`."""
+    modules = [m for _, m in sparse_ffns(model)]
+    d = config.to_dict()
+    d["layers"] = [m.layer_idx for m in modules]
+    d["keep_per_layer"] = {str(m.layer_idx): m.keep for m in modules if m.keep != config.keep}
+    d["predictor_init"] = "none"  # a saved predictor is loaded, never re-initialised
+    if modules:
+        d["predictor_rank"] = modules[0].predictor.rank
+    return {"format_version": FORMAT_VERSION, "recipe": "bank_sparse", "bank_sparse": d}
+
+
+@torch.no_grad()
+def init_predictor_svd(m: BankSparseSwiGLU) -> None:
+    """Logits ~ x W_gate^T by truncated SVD: W_gate ~ (U sqrt(S)) (sqrt(S) V^T)."""
+    w = m.gate_proj.weight.float()
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    r = m.predictor.rank
+    root = S[:r].sqrt()
+    n = root.shape[0]  # a rank above min(d, d_ff) leaves the extra directions at zero
+    m.predictor.in_proj.weight.zero_()
+    m.predictor.out_proj.weight.zero_()
+    m.predictor.in_proj.weight[:n] = (root[:, None] * Vh[:r]).to(m.predictor.in_proj.weight.dtype)
+    m.predictor.out_proj.weight[:, :n] = (U[:, :r] * root).to(m.predictor.out_proj.weight.dtype)
+    bias = m.gate_proj.bias
+    m.predictor.out_proj.bias.copy_(bias if bias is not None else torch.zeros_like(m.predictor.out_proj.bias))
+
+
+@torch.no_grad()
+def capture_ffn_inputs(
+    model: nn.Module, ffns: list[nn.Module], input_ids: Tensor, progress: bool = True, batch_size: int = 8
+) -> list[Tensor]:
+    """Run the model on `input_ids` [N, L] and return each FFN's inputs, [N * L, d] per FFN (float32)."""
+    store: list[list[Tensor]] = [[] for _ in ffns]
+    hooks = [
+        f.register_forward_hook(lambda mod, args, out, j=j: store[j].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu()))
+        for j, f in enumerate(ffns)
+    ]
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="capture", disable=not progress):
+            model(input_ids[start : start + batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(s) for s in store]
+
+
+def oracle_scores(m: BankSparseSwiGLU, x: Tensor) -> Tensor:
+    """|h| of the dense FFN: the magnitude the oracle ranks channels by."""
+    return (m.act_fn(m.gate_proj(x)) * m.up_proj(x)).abs()
+
+
+def fit_predictor(
+    m: BankSparseSwiGLU, x: Tensor, steps: int = 300, lr: float = 3e-3, batch: int = 1024, seed: int = 0
+) -> None:
+    """Fit the predictor (LM frozen) so each bank's top `keep` logits match the top `keep` of |h|.
+
+    Loss: in-bank softmax cross-entropy toward the oracle top-k set (a listwise ranking loss) plus
+    BCE on the oracle mask. The listwise term cares only about order within a bank, which is all
+    the mask uses.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    pred = m.predictor
+    dtype = pred.in_proj.weight.dtype
+    device = pred.in_proj.weight.device
+    params = {n: p.detach().float().clone().requires_grad_(True) for n, p in pred.named_parameters()}
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    wg, wu = m.gate_proj.weight.detach().float(), m.up_proj.weight.detach().float()
+    bg = None if m.gate_proj.bias is None else m.gate_proj.bias.detach().float()
+    bu = None if m.up_proj.bias is None else m.up_proj.bias.detach().float()
+    for _ in range(steps):
+        xb = x[torch.randint(len(x), (min(batch, len(x)),), generator=gen)].to(device)
+        with torch.no_grad():
+            target = bank_topk_mask((F.silu(F.linear(xb, wg, bg)) * F.linear(xb, wu, bu)).abs(), m.bank_size, m.target_keep)
+        z = F.linear(F.linear(xb, params["in_proj.weight"]), params["out_proj.weight"], params["out_proj.bias"])
+        loss = ranking_loss(z, target, m.bank_size)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        for n, p in pred.named_parameters():
+            p.copy_(params[n].to(dtype))
+
+
+def ranking_loss(z: Tensor, target: Tensor, bank_size: int) -> Tensor:
+    """Listwise in-bank cross-entropy toward the oracle set + BCE on the mask."""
+    zb = z.reshape(-1, bank_size)
+    tb = target.reshape(-1, bank_size).float()
+    listwise = -(tb / tb.sum(-1, keepdim=True) * zb.log_softmax(-1)).sum(-1).mean()
+    return listwise + F.binary_cross_entropy_with_logits(z, target.float())
+
+
+@torch.no_grad()
+def predictor_recall(m: BankSparseSwiGLU, x: Tensor, keep: int | None = None) -> float:
+    """Mean fraction of the oracle top-`keep` (by |h|) channels per bank that the predictor keeps."""
+    keep = keep or m.target_keep
+    x = x.to(m.gate_proj.weight.device, m.gate_proj.weight.dtype)
+    pred = bank_topk_indices(m.predictor(x).float(), m.bank_size, keep)
+    oracle = bank_topk_mask(oracle_scores(m, x).float(), m.bank_size, keep)
+    return oracle.gather(-1, pred).float().mean().item()

@@ -1,0 +1,1 @@
+"""Kernels: `reference` (pure PyTorch, the truth), fast paths, and one `dispatch`."""

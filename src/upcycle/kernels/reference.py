@@ -1,0 +1,91 @@
+"""Pure-PyTorch reference of the bank-sparse SwiGLU FFN: the truth every fast kernel is tested against.
+
+Shapes: x [T, d] (T tokens), W_gate/W_up [d_ff, d], W_down [d, d_ff], predictor in [r, d], out [d_ff, r],
+out bias [d_ff]. Channels are cut into banks of `bank_size` consecutive channels; each bank keeps
+its `keep` highest-logit channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Rows per chunk when building masks: bounds the transient top-k buffers for long sequences.
+MASK_CHUNK_ROWS = 4096
+
+
+def bank_topk_indices(logits: Tensor, bank_size: int, keep: int) -> Tensor:
+    """Absolute channel indices of the kept channels, [..., n_banks * keep], ascending within each bank."""
+    *lead, d_ff = logits.shape
+    n_banks = d_ff // bank_size
+    local = logits.reshape(*lead, n_banks, bank_size).topk(keep, dim=-1, sorted=False).indices
+    local = local.sort(dim=-1).values
+    offsets = torch.arange(n_banks, device=logits.device).unsqueeze(-1) * bank_size
+    return (local + offsets).reshape(*lead, n_banks * keep)
+
+
+def bank_topk_mask(logits: Tensor, bank_size: int, keep: int) -> Tensor:
+    """Boolean mask, same shape as `logits`: exactly `keep` True per bank of `bank_size` channels."""
+    d_ff = logits.shape[-1]
+    if keep >= bank_size:
+        return torch.ones_like(logits, dtype=torch.bool)
+    flat = logits.reshape(-1, d_ff)
+    mask = torch.empty(flat.shape, dtype=torch.bool, device=logits.device)
+    for start in range(0, flat.shape[0], MASK_CHUNK_ROWS):
+        rows = flat[start : start + MASK_CHUNK_ROWS].reshape(-1, d_ff // bank_size, bank_size)
+        idx = rows.topk(keep, dim=-1, sorted=False).indices
+        chunk = torch.zeros(rows.shape, dtype=torch.bool, device=logits.device)
+        chunk.scatter_(-1, idx, True)
+        mask[start : start + MASK_CHUNK_ROWS] = chunk.reshape(-1, d_ff)
+    return mask.reshape(logits.shape)
+
+
+def predictor_logits(x: Tensor, w_in: Tensor, w_out: Tensor, b_out: Tensor | None) -> Tensor:
+    """Low-rank routing logits B(A(x)): [T, d] -> [T, d_ff]."""
+    return F.linear(F.linear(x, w_in), w_out, b_out)
+
+
+def sparse_swiglu_reference(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    w_pred_in: Tensor,
+    w_pred_out: Tensor,
+    b_pred_out: Tensor | None,
+    bank_size: int,
+    keep: int,
+    gate_scale: Tensor | None = None,
+) -> Tensor:
+    """y = W_down (mask * gate * silu(W_gate x) * (W_up x)), computed densely then masked.
+
+    `gate_scale` None means the `ste` forward (gate value exactly 1 on kept channels); a scalar
+    tensor alpha means the `sigmoid` gate 2 * sigmoid(alpha * logits) on kept channels.
+    """
+    logits = predictor_logits(x, w_pred_in, w_pred_out, b_pred_out)
+    mask = bank_topk_mask(logits, bank_size, keep)
+    h = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+    if gate_scale is not None:
+        h = h * (2 * torch.sigmoid(gate_scale * logits)).to(h.dtype)
+    return F.linear(h * mask, w_down)
+
+
+def sparse_swiglu_gather_reference(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    idx: Tensor,
+    gate_values: Tensor | None = None,
+) -> Tensor:
+    """Decode form: given kept indices idx [T, k] (k = n_banks * keep), read only those rows.
+
+    y[t] = sum_j W_down[:, idx[t, j]] * silu(W_gate[idx[t, j]] . x[t]) * (W_up[idx[t, j]] . x[t]) * g[t, j]
+    """
+    g = torch.einsum("tkd,td->tk", w_gate[idx], x)
+    u = torch.einsum("tkd,td->tk", w_up[idx], x)
+    h = F.silu(g) * u
+    if gate_values is not None:
+        h = h * gate_values
+    return torch.einsum("tk,tdk->td", h, w_down[:, idx].permute(1, 0, 2))

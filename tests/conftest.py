@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random models and a tiny checkpoint directory with a BPE tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from upcycle.toy import stdlib_corpus, tiny_model, train_bpe_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    return stdlib_corpus(max_bytes=300_000)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus):
+    return train_bpe_tokenizer(corpus, vocab_size=512)
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny(arch):
+    return tiny_model(arch, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def dense_dir(tmp_path_factory, tokenizer):
+    """A tiny dense Qwen2 checkpoint saved by transformers, with its tokenizer."""
+    d = tmp_path_factory.mktemp("dense") / "model"
+    model = tiny_model("qwen2", vocab_size=len(tokenizer))
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, corpus):
+    f = tmp_path_factory.mktemp("data") / "train.txt"
+    f.write_text("\n\n".join(corpus[:40]))
+    return f
