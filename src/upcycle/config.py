@@ -35,7 +35,7 @@ class BankSparseConfig:
     sigmoid_scale_init: float = 0.1
     # `calibrate` init: optimisation steps and learning rate of the predictor fit.
     calibrate_steps: int = 300
-    calibrate_lr: float = 3e-3
+    calibrate_lr: float = 1e-2
 
     def __post_init__(self) -> None:
         self.keep_per_layer = {int(k): int(v) for k, v in self.keep_per_layer.items()}

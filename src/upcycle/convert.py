@@ -194,10 +194,11 @@ def capture_ffn_inputs(
 ) -> list[Tensor]:
     """Run the model on `input_ids` [N, L] and return each FFN's inputs, [N * L, d] per FFN (float32)."""
     store: list[list[Tensor]] = [[] for _ in ffns]
-    hooks = [
-        f.register_forward_hook(lambda mod, args, out, j=j: store[j].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu()))
-        for j, f in enumerate(ffns)
-    ]
+
+    def keep_input(j: int):
+        return lambda mod, args: store[j].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+
+    hooks = [f.register_forward_pre_hook(keep_input(j)) for j, f in enumerate(ffns)]
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(input_ids), batch_size), desc="capture", disable=not progress):
@@ -214,7 +215,7 @@ def oracle_scores(m: BankSparseSwiGLU, x: Tensor) -> Tensor:
 
 
 def fit_predictor(
-    m: BankSparseSwiGLU, x: Tensor, steps: int = 300, lr: float = 3e-3, batch: int = 1024, seed: int = 0
+    m: BankSparseSwiGLU, x: Tensor, steps: int = 300, lr: float = 1e-2, batch: int = 1024, seed: int = 0
 ) -> None:
     """Fit the predictor (LM frozen) so each bank's top `keep` logits match the top `keep` of |h|.
 
@@ -235,7 +236,8 @@ def fit_predictor(
     for _ in range(steps):
         xb = x[torch.randint(len(x), (min(batch, len(x)),), generator=gen)].to(device)
         with torch.no_grad():
-            target = bank_topk_mask((F.silu(F.linear(xb, wg, bg)) * F.linear(xb, wu, bu)).abs(), m.bank_size, m.target_keep)
+            h = F.silu(F.linear(xb, wg, bg)) * F.linear(xb, wu, bu)
+            target = bank_topk_mask(h.abs(), m.bank_size, m.target_keep)
         z = F.linear(F.linear(xb, params["in_proj.weight"]), params["out_proj.weight"], params["out_proj.bias"])
         loss = ranking_loss(z, target, m.bank_size)
         opt.zero_grad(set_to_none=True)
@@ -263,3 +265,24 @@ def predictor_recall(m: BankSparseSwiGLU, x: Tensor, keep: int | None = None) ->
     pred = bank_topk_indices(m.predictor(x).float(), m.bank_size, keep)
     oracle = bank_topk_mask(oracle_scores(m, x).float(), m.bank_size, keep)
     return oracle.gather(-1, pred).float().mean().item()
+
+
+@torch.no_grad()
+def measure_recall(model: nn.Module, input_ids: Tensor, batch_size: int = 8) -> dict[int, float]:
+    """Per-layer recall of the oracle top-k (by |h|) on each sparse FFN's actual inputs in `model`."""
+    totals: dict[int, list[float]] = {}
+
+    def hook(m: BankSparseSwiGLU, args) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1])
+        totals.setdefault(m.layer_idx, []).append(predictor_recall(m, x) * len(x))
+
+    hooks = [m.register_forward_pre_hook(hook) for _, m in sparse_ffns(model)]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(input_ids), batch_size):
+            model(input_ids[start : start + batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    n_tokens = input_ids.numel()
+    return {layer: sum(v) / n_tokens for layer, v in sorted(totals.items())}

@@ -56,7 +56,9 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, **save_kwargs
     from upcycle.convert import upcycle_metadata
 
     if getattr(model, "upcycle_config", None) is not None:
-        model.config.upcycle = upcycle_metadata(model, model.upcycle_config)
+        # Keep extra keys other tools recorded (e.g. the source checkpoint), refresh the sparsity.
+        previous = getattr(model.config, "upcycle", None) or {}
+        model.config.upcycle = {**previous, **upcycle_metadata(model, model.upcycle_config)}
     save_kwargs.setdefault("safe_serialization", True)
 
     def write(tmp: Path) -> None:

@@ -1,0 +1,148 @@
+"""Perplexity on held-out text with fixed windows, and dense-vs-sparse logit KL.
+
+The text is tokenised once as a whole (the tokenizer's default special tokens, e.g. one BOS at the
+start for Llama tokenizers: the WikiText convention of SparseGPT/Wanda) and cut into windows of
+`seq_len` tokens starting every `stride` tokens. Every token except the first is scored exactly
+once, by the first window that holds it with at least one token of context before it: with
+stride == seq_len (non-overlapping) the first token of each window is not scored; with
+stride < seq_len only the tokens past the previous window's end are scored (sliding-window ppl).
+ppl = exp(mean NLL over the scored tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+def read_text(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    """The text of one file, or of several joined by a blank line; clear errors for bad paths."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise ValueError("no data file given: pass one or more text files.")
+    texts = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"data file {p} does not exist: pass a UTF-8 text file of held-out text.")
+        if p.is_dir():
+            raise ValueError(f"{p} is a directory: pass the text file(s) inside it.")
+        texts.append(p.read_text(encoding="utf-8", errors="replace"))
+    text = "\n\n".join(texts)
+    if not text.strip():
+        raise ValueError(f"data file(s) {', '.join(map(str, paths))} contain no text.")
+    return text
+
+
+def load_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
+    """The checkpoint's tokenizer (or the one at `tokenizer`); ValueError saying what to do if none."""
+    from transformers import AutoTokenizer
+
+    src = tokenizer or model_dir
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception as e:
+        raise ValueError(
+            f"no usable tokenizer in {src} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+            "save the tokenizer with the checkpoint (tokenizer.save_pretrained(DIR)) or pass --tokenizer PATH."
+        ) from e
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """1-D LongTensor of the whole text's token ids."""
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(n_tokens: int, seq_len: int, stride: int | None = None, max_windows: int | None = None):
+    """[(begin, end, first_scored)]: window tokens [begin, end), scored targets [first_scored, end)."""
+    stride = stride or seq_len
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (one token of context and one to score), got {seq_len}.")
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride must lie in [1, seq_len={seq_len}], got {stride}.")
+    out, begin, prev_end = [], 0, 0
+    while max_windows is None or len(out) < max_windows:
+        end = min(begin + seq_len, n_tokens)
+        first = max(begin + 1, prev_end)
+        if end > first:
+            out.append((begin, end, first))
+        prev_end = end
+        if end >= n_tokens:
+            break
+        begin += stride
+    return out
+
+
+def _logprobs(model: nn.Module, ids: Tensor) -> Tensor:
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), use_cache=False).logits
+    return F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    ids: Tensor,
+    seq_len: int = 512,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    reference: nn.Module | None = None,
+) -> dict:
+    """Perplexity of `model` on the 1-D token ids `ids`; with `reference`, mean KL(reference || model).
+
+    Returns {"ppl", "nll_mean", "tokens_total", "tokens_scored", "windows", "seq_len", "stride"} and,
+    with a reference, "kl_ref" (nats per scored token, over the full vocabulary).
+    """
+    stride = stride or seq_len
+    ids = ids.reshape(-1)
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        log.warning("seq_len %d exceeds the model's max_position_embeddings %d", seq_len, max_pos)
+    wins = windows(len(ids), seq_len, stride, max_windows)
+    if not wins:
+        raise ValueError(f"the data has {len(ids)} token(s): at least 2 are needed to score one.")
+    nll_sum, kl_sum, scored = 0.0, 0.0, 0
+    groups: list[list[tuple[int, int, int]]] = []
+    for w in wins:  # batch consecutive windows of equal length
+        if groups and len(groups[-1]) < batch_size and w[1] - w[0] == groups[-1][0][1] - groups[-1][0][0]:
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    for group in groups:
+        size = group[0][1] - group[0][0]
+        batch = torch.stack([ids[b:e] for b, e, _ in group])
+        # position j predicts token b + j + 1; it is scored when b + j + 1 >= first
+        pos = torch.arange(size - 1)
+        mask = torch.stack([(b + pos + 1) >= f for b, _, f in group])
+        logp = _logprobs(model, batch)
+        nll = -logp.gather(-1, batch[:, 1:, None]).squeeze(-1)
+        nll_sum += float(nll[mask].double().sum())
+        scored += int(mask.sum())
+        if reference is not None:
+            ref = _logprobs(reference, batch)
+            kl = (ref.exp() * (ref - logp)).sum(-1)
+            kl_sum += float(kl[mask].double().sum())
+    nll_mean = nll_sum / scored
+    out = {
+        "ppl": math.exp(nll_mean),
+        "nll_mean": nll_mean,
+        "tokens_total": len(ids),
+        "tokens_scored": scored,
+        "windows": len(wins),
+        "seq_len": seq_len,
+        "stride": stride,
+    }
+    if reference is not None:
+        out["kl_ref"] = kl_sum / scored
+    return out

@@ -1,0 +1,351 @@
+"""`train(config)`: continual training of a bank-sparse (or dense) model, one process or many (torchrun)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import upcycle
+from upcycle.modules import sparse_ffns
+from upcycle.train import checkpoint as ckpt
+from upcycle.train.config import TrainConfig
+from upcycle.train.data import PackedData, build_data, load_tokenizer
+from upcycle.train.distributed import DistEnv, init_distributed, shard
+from upcycle.train.losses import Objective, record_aux, teacher_hidden_states
+from upcycle.train.metrics import MetricsLog, plot_loss_curve
+from upcycle.train.models import (
+    DTYPES,
+    build_student,
+    build_teacher,
+    ffn_parameter_names,
+    is_predictor_param,
+    module_bytes,
+)
+from upcycle.train.schedules import apply_keep, aux_weight_at, lr_factor
+
+log = logging.getLogger("upcycle.train")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    model_dir: Path | None  # the final model (upcycle.load reads it); None when interrupted
+    step: int  # optimizer steps done in total (including before a resume)
+    interrupted: bool
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss, this run's steps
+    val_loss: float | None = None
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM: finish the current step, checkpoint, stop. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("\n%s: saving a checkpoint after this step (Ctrl-C again to abort without saving)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def build_optimizer(objective: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; groups: matrices (decay), vectors (no decay), predictor (LR x predictor_lr_mult, no decay)."""
+    groups: dict[str, list] = {"decay": [], "no_decay": [], "predictor": []}
+    for name, p in objective.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = "predictor" if is_predictor_param(name) else "decay" if p.ndim >= 2 else "no_decay"
+        groups[key].append(p)
+    spec = [
+        {"params": groups["decay"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": groups["no_decay"], "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": groups["predictor"], "lr": cfg.lr * cfg.predictor_lr_mult, "weight_decay": 0.0},
+    ]
+    spec = [g for g in spec if g["params"]]
+    if not spec:
+        raise ValueError("no trainable parameters (train_only='ffn' on a model without SwiGLU FFNs?).")
+    fused = all(g["params"][0].is_cuda for g in spec)
+    return torch.optim.AdamW(spec, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(objective: Objective, data: PackedData, cfg: TrainConfig, env: DistEnv, bf16: bool) -> float | None:
+    """Mean held-out CE. Every rank runs the same number of forwards (FSDP forwards are collective)."""
+    per_rank = len(data.val_idx) // env.world
+    if per_rank == 0:
+        return None
+    was_training = objective.training
+    objective.eval()
+    total = 0.0
+    idx = data.val_idx[: per_rank * env.world][env.rank :: env.world]
+    for i in range(0, per_rank, cfg.batch_size):
+        ids = data.fetch(idx[i : i + cfg.batch_size]).to(env.device)
+        with _autocast(env.device, bf16):
+            total += objective(ids)["ce"].item() * len(ids)
+    objective.train(was_training)
+    return env.sum([total])[0] / (per_rank * env.world)
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run (or resume) training as `cfg` says. `on_step(step, record)` is called after every step.
+
+    Under torchrun every process calls this; the process group is created here from the environment.
+    """
+    cfg.validate()
+    env = init_distributed(cfg.device)
+    try:
+        return _Trainer(cfg, env).run(on_step)
+    finally:
+        env.close()
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.out = Path(cfg.out)
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+
+    # ------------------------------------------------------------------ setup
+    def _check_out(self) -> Path | None:
+        cfg, out = self.cfg, self.out
+        existing = ckpt.list_checkpoints(out)
+        if cfg.resume:
+            if not existing:
+                log.warning("--resume: no checkpoint in %s/checkpoints, starting from step 0", out)
+            return existing[-1] if existing else None
+        if existing or (out / "metrics.jsonl").exists():
+            raise ValueError(f"{out} already holds a training run: pass --resume to continue it, or a new --out.")
+        return None
+
+    def setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.resume_from = self._check_out() if env.is_main else None
+        self.resume_from = env.broadcast(None if self.resume_from is None else str(self.resume_from))
+        torch.manual_seed(cfg.seed)
+
+        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        self.data = build_data(cfg, self.tokenizer, env.is_main, env.barrier)
+
+        student, self.saved_dtype = build_student(cfg)
+        self.sparse = any(True for _ in sparse_ffns(student))
+        if cfg.train_only == "ffn":
+            keep = ffn_parameter_names(student)
+            for n, p in student.named_parameters():
+                p.requires_grad_(n in keep)
+        student.to(env.device)
+        self.objective = Objective(student, cfg.distill_weight, cfg.distill_temperature, cfg.loss_chunk_tokens)
+
+        self.teacher, self.teacher_info = None, None
+        if cfg.distill_weight > 0:
+            tdtype = DTYPES["bf16" if cfg.teacher_dtype == "auto" and env.device.type == "cuda" else
+                            "fp32" if cfg.teacher_dtype == "auto" else cfg.teacher_dtype]
+            before = torch.cuda.memory_allocated(env.device) if env.device.type == "cuda" else 0
+            self.teacher = build_teacher(cfg, env.device, tdtype)
+            if self.teacher.config.vocab_size != student.config.vocab_size:
+                raise ValueError(f"teacher vocab {self.teacher.config.vocab_size} != student vocab "
+                                 f"{student.config.vocab_size}: pass a --teacher with the student's tokenizer.")
+            self.teacher_info = {
+                "path": cfg.teacher or f"{cfg.model} (made dense)", "dtype": str(tdtype).removeprefix("torch."),
+                "param_bytes": module_bytes(self.teacher),
+                "device_bytes": (torch.cuda.memory_allocated(env.device) - before) if env.device.type == "cuda"
+                else None,
+            }
+        if env.world > 1:
+            shard(self.objective, env, self.bf16)
+        self.optimizer = build_optimizer(self.objective, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
+        self.state = {"step": 0, "consumed": 0, "tokens": 0}
+        if self.resume_from:
+            self.state = ckpt.load_checkpoint(self.resume_from, self.objective, self.optimizer, self.scheduler, env)
+            self.state.pop("world_size", None)
+            log.info("resumed from %s (step %d)", self.resume_from, self.state["step"])
+        self.metrics = MetricsLog(self.out, env.is_main, cfg.tensorboard, resume_step=self.state["step"])
+        if env.is_main:
+            self._write_run_info(student)
+
+    def _write_run_info(self, student: nn.Module) -> None:
+        cfg, env = self.cfg, self.env
+        cfg.to_yaml(self.out / "config.yaml")
+        n_params = sum(p.numel() for p in student.parameters())
+        info = {
+            "world_size": env.world, "device": str(env.device), "bf16_autocast": self.bf16,
+            "sparse": self.sparse, "parameters": n_params,
+            "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+            "global_batch_sequences": self.global_batch, "tokens_per_step": self.global_batch * cfg.seq_len,
+            "train_sequences": len(self.data.train_idx), "val_sequences": len(self.data.val_idx),
+            "teacher": self.teacher_info,
+        }
+        (self.out / "run_info.json").write_text(json.dumps(info, indent=1))
+        log.info("training %s%s model, %.1fM params, %d process(es) on %s, %d tokens/step",
+                 "bank-sparse" if self.sparse else "dense", " (FFN only)" if cfg.train_only == "ffn" else "",
+                 n_params / 1e6, env.world, env.device, info["tokens_per_step"])
+        if self.teacher_info:
+            t = self.teacher_info
+            mem = f", {t['device_bytes'] / 2**30:.2f} GiB on {env.device}" if t["device_bytes"] is not None else ""
+            log.info("teacher: %s, %s, %.2f GiB of weights%s, no gradients", t["path"], t["dtype"],
+                     t["param_bytes"] / 2**30, mem)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.env.world
+
+    # ------------------------------------------------------------------ one step
+    def step(self, step: int) -> dict:
+        cfg, env, objective = self.cfg, self.env, self.objective
+        keep = apply_keep(objective.model, step, cfg.keep_warmup_steps, cfg.keep_schedule)
+        aux_w = aux_weight_at(step, cfg.aux_weight, cfg.aux_steps) if self.sparse else 0.0
+        record_aux(objective.model, aux_w > 0)
+        head = self.teacher.get_output_embeddings() if self.teacher is not None else None
+        sums = torch.zeros(4, dtype=torch.float64)
+        for micro in range(cfg.grad_accum):
+            ids = self.data.micro_batch(self.state["consumed"], self.global_batch, env.rank, micro,
+                                        cfg.batch_size, cfg.grad_accum).to(env.device)
+            if env.world > 1:  # reduce-scatter gradients once per step, not per micro-batch
+                objective.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+            with _autocast(env.device, self.bf16):
+                th = teacher_hidden_states(self.teacher, ids) if self.teacher is not None else None
+                parts = objective(ids, th, head, aux_w)
+            (parts["loss"] / cfg.grad_accum).backward()
+            sums += torch.stack([parts[k].detach().double().cpu() for k in ("loss", "ce", "kl", "aux")])
+        record_aux(objective.model, False)
+        params = [p for p in objective.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, ce, kl, aux = env.mean((sums / cfg.grad_accum).tolist())
+        record = {"loss": loss, "ce": ce, "lr": cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps,
+                                                                   cfg.min_lr_ratio),
+                  "keep": keep, "grad_norm": float(grad_norm)}
+        if self.teacher is not None:
+            record["kl"] = kl
+        if aux_w > 0:
+            record["aux"], record["aux_weight"] = aux, aux_w
+        return record
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, on_step) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, env = self.cfg, self.env
+        self.setup()
+        start = self.state["step"]
+        result = TrainResult(self.out, None, start, False)
+        self.last_val = None
+        bar = tqdm(total=cfg.steps, initial=start, disable=not (env.is_main and cfg.progress), unit="step",
+                   dynamic_ncols=True, desc="train")
+        tokens_per_step = self.global_batch * cfg.seq_len
+        with _StopFlag() as stop:
+            for step in range(start, cfg.steps):
+                t0 = time.perf_counter()
+                record = self.step(step)
+                self.state["step"] = step + 1
+                self.state["consumed"] += self.global_batch
+                self.state["tokens"] += tokens_per_step
+                dt = time.perf_counter() - t0
+                record = {"step": step + 1, **record, "tokens": self.state["tokens"],
+                          "tokens_per_s": tokens_per_step / dt,
+                          "epoch": self.state["consumed"] / len(self.data.train_idx)}
+                last = step + 1 == cfg.steps
+                if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                    record["val_loss"] = self.last_val = evaluate(self.objective, self.data, cfg, env, self.bf16)
+                result.losses[step + 1] = record["loss"]
+                if (step + 1) % cfg.log_every == 0 or last or "val_loss" in record:
+                    self.metrics.log(record)
+                    if not cfg.progress and env.is_main:
+                        log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", keep=_fmt(record["keep"]),
+                                tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                if on_step is not None:
+                    on_step(step + 1, record)
+                stopping = env.any(stop.requested)
+                if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0 and not last):
+                    path = ckpt.save_checkpoint(self.out, self.objective, self.optimizer, self.scheduler,
+                                                dict(self.state), env, cfg.keep_checkpoints)
+                    if env.is_main:
+                        bar.write(f"checkpoint: {path}")
+                if stopping:
+                    result.interrupted = True
+                    break
+        bar.close()
+        result.step = self.state["step"]
+        result.val_loss = self.last_val
+        if not result.interrupted:
+            result.model_dir = self.save_final()
+        self.metrics.close()
+        if env.is_main:
+            png = plot_loss_curve(self.metrics.path, self.out / "loss_curve.png")
+            if result.interrupted:
+                log.info("stopped at step %d: continue with the same command plus --resume", result.step)
+            else:
+                log.info("done: model in %s%s", result.model_dir, f", loss curve {png}" if png else "")
+        return result
+
+    def save_final(self) -> Path | None:
+        """The trained model in upcycle.load format at OUT/model (rank 0 writes; all ranks gather)."""
+        cfg, env = self.cfg, self.env
+        model = self.objective.model
+        if env.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            keeps = {name: m.keep for name, m in sparse_ffns(model)}
+            if not env.is_main:
+                env.barrier()
+                return None
+            model, _ = build_student(cfg)
+            model.load_state_dict(full)
+            for name, m in sparse_ffns(model):
+                m.keep = keeps[name]
+        elif not env.is_main:
+            return None
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.config.use_cache = True
+        dtype = self.saved_dtype if cfg.save_dtype == "auto" else DTYPES[cfg.save_dtype]
+        model.to(device="cpu", dtype=dtype).eval()
+        path = upcycle.save(model, self.out / "model", tokenizer=self.tokenizer)
+        env.barrier()
+        return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,99 @@
+"""The training objective: LM cross-entropy + KL to a frozen dense teacher + oracle-mask BCE on the predictor.
+
+Logits are computed a chunk of tokens at a time under activation checkpointing, so the [tokens, vocab]
+logits of student and teacher never exist in full (at 32K tokens x 152K vocab that is 20 GB in fp32).
+`Objective` is an nn.Module so that, sharded with FSDP2 as the root, the embedding / final norm /
+LM head it owns are gathered for the whole loss computation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from upcycle.modules import sparse_ffns
+
+
+def _chunk_losses(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, th: Tensor | None, tw: Tensor | None,
+                  tb: Tensor | None, temperature: float) -> tuple[Tensor, Tensor]:
+    """Summed CE and summed T^2-scaled KL(teacher || student) over the rows of one chunk."""
+    logits = F.linear(h, w, b).float()
+    ce = F.cross_entropy(logits, y, reduction="sum")
+    if th is None:
+        return ce, logits.new_zeros(())
+    t_logits = F.linear(th, tw, tb).float()
+    logp_s = F.log_softmax(logits / temperature, dim=-1)
+    logp_t = F.log_softmax(t_logits / temperature, dim=-1)
+    kl = (logp_t.exp() * (logp_t - logp_s)).sum() * temperature**2
+    return ce, kl
+
+
+def lm_losses(hidden: Tensor, head: nn.Linear, input_ids: Tensor, teacher_hidden: Tensor | None = None,
+              teacher_head: nn.Linear | None = None, temperature: float = 1.0,
+              chunk_tokens: int = 2048) -> tuple[Tensor, Tensor]:
+    """Token-mean next-token CE and KL (zero without a teacher); hidden states [B, L, d] in, scalars out."""
+    d = hidden.shape[-1]
+    h = hidden[:, :-1].reshape(-1, d)
+    y = input_ids[:, 1:].reshape(-1)
+    th = None if teacher_hidden is None else teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1])
+    tw = None if teacher_head is None else teacher_head.weight
+    tb = None if teacher_head is None else teacher_head.bias
+    n = y.numel()
+    step = n if chunk_tokens <= 0 else chunk_tokens
+    ce = kl = None
+    for s in range(0, n, step):
+        args = (h[s : s + step], head.weight, head.bias, y[s : s + step],
+                None if th is None else th[s : s + step], tw, tb, temperature)
+        if torch.is_grad_enabled() and step < n:
+            # Only the chunk's inputs are saved; its logits are recomputed in the backward pass.
+            c, k = checkpoint(_chunk_losses, *args, use_reentrant=False)
+        else:
+            c, k = _chunk_losses(*args)
+        ce, kl = (c, k) if ce is None else (ce + c, kl + k)
+    return ce / n, kl / n
+
+
+class Objective(nn.Module):
+    """forward(input_ids, teacher_hidden, teacher_head, aux_weight) -> {'loss', 'ce', 'kl', 'aux'}.
+
+    With aux_weight > 0 the sparse FFNs must have `record_aux` set for the whole forward + backward
+    (see `record_aux`): activation checkpointing replays the forward and must see the same flag.
+    """
+
+    def __init__(self, model: nn.Module, distill_weight: float = 0.0, temperature: float = 1.0,
+                 chunk_tokens: int = 2048):
+        super().__init__()
+        self.model = model
+        self.distill_weight = distill_weight
+        self.temperature = temperature
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: Tensor, teacher_hidden: Tensor | None = None,
+                teacher_head: nn.Linear | None = None, aux_weight: float = 0.0) -> dict[str, Tensor]:
+        hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        ce, kl = lm_losses(hidden, self.model.get_output_embeddings(), input_ids, teacher_hidden, teacher_head,
+                           self.temperature, self.chunk_tokens)
+        loss = ce + self.distill_weight * kl if teacher_hidden is not None else ce
+        aux = ce.new_zeros(())
+        if aux_weight > 0 and torch.is_grad_enabled():
+            modules = [m for _, m in sparse_ffns(self.model)]
+            if modules:
+                aux = torch.stack([m.aux_loss for m in modules]).mean()
+                loss = loss + aux_weight * aux
+        return {"loss": loss, "ce": ce.detach(), "kl": kl.detach(), "aux": aux.detach()}
+
+
+@torch.no_grad()
+def teacher_hidden_states(teacher: nn.Module, input_ids: Tensor) -> Tensor:
+    """The frozen teacher's final hidden states [B, L, d] (its logits are formed chunk-wise in the loss)."""
+    return teacher.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def record_aux(model: nn.Module, on: bool) -> None:
+    """Switch the oracle-BCE recording of every sparse FFN; off also drops the stored losses."""
+    for _, m in sparse_ffns(model):
+        m.record_aux = on
+        if not on:
+            m.aux_loss = None
