@@ -114,10 +114,45 @@ def _read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_pretrained(path: str | os.PathLike) -> tuple[nn.Module, object | None]:
+    """(dense model, tokenizer or None) from a transformers checkpoint directory or a .gguf file.
+
+    GGUF weights are dequantised by transformers (needs the `gguf` package); the quantisation config
+    is dropped so the model saves as a plain checkpoint.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    gguf = path.suffix == ".gguf"
+    if gguf and not path.is_file():
+        raise CheckpointError(f"{path} does not exist: pass a .gguf file or a checkpoint directory.")
+    if not gguf and not (path.is_dir() and (path / "config.json").exists()):
+        raise CheckpointError(
+            f"{path}: not a checkpoint directory with config.json, nor a .gguf file "
+            "(save one with model.save_pretrained(DIR))."
+        )
+    where, extra = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32 if gguf else "auto", **extra)
+    except ImportError as e:
+        raise CheckpointError(f"{path}: {e} (for GGUF files: pip install gguf)") from e
+    except Exception as e:
+        raise CheckpointError(f"transformers could not load {path}: {e}") from e
+    if gguf and hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+        model.__dict__.pop("hf_quantizer", None)
+        model.is_quantized = False
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    except Exception:
+        tokenizer = None
+    return model.eval(), tokenizer
+
+
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Load a checkpoint saved by upcycle (or a plain dense HF checkpoint) with identical weights.
 
-    A dense checkpoint loads as the plain transformers model (FFN density 1.0).
+    A dense checkpoint (or a .gguf file) loads as the plain transformers model (FFN density 1.0).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -125,6 +160,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     from upcycle.convert import FORMAT_VERSION, convert
 
     path = Path(path)
+    if path.suffix == ".gguf":
+        model = load_pretrained(path)[0]
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     raw = _read_config(path)
     meta = raw.get("upcycle")
     if meta is not None and meta.get("format_version", 0) > FORMAT_VERSION:

@@ -108,3 +108,31 @@ def tiny_model(arch: str = "qwen2", seed: int = 0, **kwargs):
 
 def cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def pretrain(model, windows: torch.Tensor, steps: int, batch_size: int = 16, lr: float = 3e-3, seed: int = 0,
+             progress: bool = True) -> list[float]:
+    """Plain next-token pretraining of a small dense model (AdamW, warm-up + cosine); returns the losses."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item())
+    )
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="pretrain", disable=not progress)
+    for _ in bar:
+        ids = windows[torch.randint(len(windows), (batch_size,), generator=gen)]
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses

@@ -25,8 +25,13 @@ def sparse_dir(tmp_path_factory, dense_dir, tokenizer):
     return upcycle.save(model, tmp_path_factory.mktemp("sparse") / "model", tokenizer=tokenizer)
 
 
-def tiny_train_config(model, data, out, **kw):
-    """A few-second training config on the tiny model."""
+@pytest.fixture
+def tiny_train_config():
+    """factory(model, data, out, **overrides) -> a few-second TrainConfig on the tiny model."""
+    return _tiny_train_config
+
+
+def _tiny_train_config(model, data, out, **kw):
     from upcycle.train import TrainConfig
 
     base = dict(model=str(model), data=[str(d) for d in data], out=str(out), seq_len=64, batch_size=4, steps=6,

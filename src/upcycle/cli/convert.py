@@ -23,7 +23,7 @@ def parse_keep_per_layer(text: str | None) -> dict[int, int]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a dense SwiGLU checkpoint into a bank-sparse one")
-    p.add_argument("--model", required=True, help="local checkpoint directory saved by transformers")
+    p.add_argument("--model", required=True, help="local checkpoint directory saved by transformers, or a .gguf file")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--bank-size", type=int, default=64)
     p.add_argument("--keep", type=int, default=16, help="channels kept per bank")
@@ -41,30 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_dense(path: str):
-    """(model, tokenizer or None) from a local transformers checkpoint, with clear errors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(path)
-    if not p.is_dir() or not (p / "config.json").exists():
-        raise FileNotFoundError(f"--model {path}: not a checkpoint directory with config.json (save one with "
-                                "model.save_pretrained(DIR)).")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype="auto")
-    except Exception as e:
-        raise ValueError(f"transformers could not load {path}: {e}") from e
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p)
-    except Exception:
-        tokenizer = None
-    return model.eval(), tokenizer
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     import upcycle
     from upcycle.convert import measure_recall
+    from upcycle.io import load_pretrained
     from upcycle.text import read_texts, token_windows
 
     torch.manual_seed(args.seed)
@@ -81,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if init == "calibrate" and not args.data:
         raise ValueError("--init calibrate needs --data TEXT_FILE (calibration text); or use --init svd.")
-    model, tokenizer = load_dense(args.model)
+    model, tokenizer = load_pretrained(args.model)
     if tokenizer is None:
         log.warning("no tokenizer in %s: the output will have none (train/eval need one)", args.model)
     calib = held_out = None

@@ -11,9 +11,8 @@ imported here).
 
 from upcycle.eval.baselines import BASELINES
 from upcycle.eval.baselines import apply as apply_baseline
-from upcycle.eval.perplexity import perplexity
 from upcycle.eval.runner import evaluate
 from upcycle.eval.stats import FFNStats
 from upcycle.eval.tasks import TASKS
 
-__all__ = ["BASELINES", "FFNStats", "TASKS", "apply_baseline", "evaluate", "perplexity"]
+__all__ = ["BASELINES", "FFNStats", "TASKS", "apply_baseline", "evaluate"]

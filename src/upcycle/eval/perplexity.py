@@ -23,6 +23,10 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
+# Positions per log-softmax chunk: bounds the [batch, chunk, vocab] float32 buffers for long windows.
+LOGIT_CHUNK = 1024
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
 
 def read_text(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
     """The text of one file, or of several joined by a blank line; clear errors for bad paths."""
@@ -48,13 +52,18 @@ def load_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | 
     from transformers import AutoTokenizer
 
     src = tokenizer or model_dir
+    fix = "save the tokenizer with the checkpoint (tokenizer.save_pretrained(DIR)) or pass --tokenizer PATH."
+    # transformers 5 builds an empty tokenizer from config.json alone: require the tokenizer's own files
+    if Path(src).is_dir() and not any((Path(src) / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(f"{src} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {fix}")
     try:
-        return AutoTokenizer.from_pretrained(src)
+        tok = AutoTokenizer.from_pretrained(src)
     except Exception as e:
-        raise ValueError(
-            f"no usable tokenizer in {src} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-            "save the tokenizer with the checkpoint (tokenizer.save_pretrained(DIR)) or pass --tokenizer PATH."
-        ) from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"no usable tokenizer in {src} ({type(e).__name__}: {first}): {fix}") from e
+    if len(tok) < 2:
+        raise ValueError(f"the tokenizer in {src} has {len(tok)} token(s): {fix}")
+    return tok
 
 
 def tokenize(tokenizer, text: str) -> Tensor:
@@ -83,10 +92,22 @@ def windows(n_tokens: int, seq_len: int, stride: int | None = None, max_windows:
     return out
 
 
-def _logprobs(model: nn.Module, ids: Tensor) -> Tensor:
+def _hidden(model: nn.Module, ids: Tensor):
+    """(last hidden states [B, L, d], lm head) so logits can be made a chunk of positions at a time;
+    (full logits, None) for models without the standard HF decoder/head accessors."""
     device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device), use_cache=False).logits
-    return F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+    ids = ids.to(device)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is None or head is None or decoder is model:
+        return model(input_ids=ids, use_cache=False).logits, None
+    return decoder(input_ids=ids, use_cache=False).last_hidden_state, head
+
+
+def _chunk_logprobs(hidden: Tensor, head: nn.Module | None, start: int, end: int) -> Tensor:
+    """log-softmax (float32, on CPU) of the logits at positions [start, end)."""
+    logits = hidden[:, start:end] if head is None else head(hidden[:, start:end])
+    return F.log_softmax(logits.float(), dim=-1).cpu()
 
 
 @torch.no_grad()
@@ -125,14 +146,19 @@ def perplexity(
         # position j predicts token b + j + 1; it is scored when b + j + 1 >= first
         pos = torch.arange(size - 1)
         mask = torch.stack([(b + pos + 1) >= f for b, _, f in group])
-        logp = _logprobs(model, batch)
-        nll = -logp.gather(-1, batch[:, 1:, None]).squeeze(-1)
-        nll_sum += float(nll[mask].double().sum())
+        hidden, head = _hidden(model, batch)
+        ref_hidden, ref_head = _hidden(reference, batch) if reference is not None else (None, None)
         scored += int(mask.sum())
-        if reference is not None:
-            ref = _logprobs(reference, batch)
-            kl = (ref.exp() * (ref - logp)).sum(-1)
-            kl_sum += float(kl[mask].double().sum())
+        for s in range(0, size - 1, LOGIT_CHUNK):  # [B, chunk, vocab] at a time: long windows fit in memory
+            e = min(s + LOGIT_CHUNK, size - 1)
+            logp = _chunk_logprobs(hidden, head, s, e)
+            m = mask[:, s:e]
+            nll = -logp.gather(-1, batch[:, s + 1 : e + 1, None]).squeeze(-1)
+            nll_sum += float(nll[m].double().sum())
+            if ref_hidden is not None:
+                ref = _chunk_logprobs(ref_hidden, ref_head, s, e)
+                kl = (ref.exp() * (ref - logp)).sum(-1)
+                kl_sum += float(kl[m].double().sum())
     nll_mean = nll_sum / scored
     out = {
         "ppl": math.exp(nll_mean),

@@ -183,12 +183,21 @@ def _vt(rng, tokenizer, budget, haystack, hops=4):
 
 
 def generate(
-    task: str, tokenizer, length: int, n: int = 1, seed: int = 0, haystack: Sequence[str] | None = None
+    task: str,
+    tokenizer,
+    length: int,
+    n: int = 1,
+    seed: int = 0,
+    haystack: Sequence[str] | None = None,
+    max_new_tokens: int | None = None,
 ) -> list[Sample]:
-    """`n` samples of `task` at `length` tokens of `tokenizer`; the same seed gives the same samples."""
+    """`n` samples of `task` at `length` tokens of `tokenizer`; the same seed gives the same samples.
+
+    `max_new_tokens` overrides the task's answer budget (MAX_NEW_TOKENS; too few tokens cut answers).
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}.")
-    max_new = MAX_NEW_TOKENS[task]
+    max_new = max_new_tokens or MAX_NEW_TOKENS[task]
     budget = length - max_new
     samples = []
     for i in range(n):
@@ -243,6 +252,7 @@ def run(
     seed: int = 0,
     haystack: Sequence[str] | None = None,
     stats: bool = True,
+    max_new_tokens: int | None = None,
 ) -> dict:
     """{task: {length: {"score", "exact_match", "n", "prompt_tokens", and with stats: "ffn_density",
     "recall", "mass_kept", "tokens", "layers"}}} over `n` samples per (task, length), greedy decoding.
@@ -256,7 +266,7 @@ def run(
     for task in tasks:
         out[task] = {}
         for length in lengths:
-            samples = generate(task, tokenizer, length, n, seed, haystack)
+            samples = generate(task, tokenizer, length, n, seed, haystack, max_new_tokens)
             if stats:
                 with FFNStats(model) as st:
                     res = evaluate(gen, samples)

@@ -117,7 +117,8 @@ int upc_decode_##SUF(const float *x, int T, int d, int dff, int r, const char *w
         uint64_t *mb = mbs + (size_t)bank * tid;                                                     \
         _Pragma("omp for schedule(static)")                                                          \
         for (int j = 0; j < r; j++)                                                                  \
-            for (int t = 0; t < T; t++) a[(size_t)t * r + j] = dot_##SUF(win + (long)j * d * ES, x + (size_t)t * d, d); \
+            for (int t = 0; t < T; t++)                                                              \
+                a[(size_t)t * r + j] = dot_##SUF(win + (long)j * d * ES, x + (size_t)t * d, d);      \
         /* Each thread owns whole banks: routing and gathers of a bank need no further barrier. */ \
         _Pragma("omp for schedule(static) nowait")                                                   \
         for (int b = 0; b < nb; b++) {                                                               \
@@ -193,6 +194,7 @@ _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
+_supported: frozenset = frozenset()  # dtypes the built library has kernels for
 
 
 def _cache_dir() -> Path:
@@ -265,6 +267,7 @@ def fused_library() -> ctypes.CDLL | None:
         if _lib is None and _lib_error is None:
             try:
                 _lib = _build()
+                _set_supported(_lib)
             except Exception as e:  # a missing or broken compiler must only cost speed
                 _lib_error = f"{type(e).__name__}: {e}"
                 log.warning("upcycle: fused CPU decode kernel unavailable (%s); using the torch-ops path.", _lib_error)
@@ -276,8 +279,19 @@ def fused_available() -> bool:
 
 
 def fused_supports(dtype: torch.dtype) -> bool:
-    lib = fused_library()
-    return dtype in _SUFFIX and lib is not None and hasattr(lib, f"upc_decode_{_SUFFIX[dtype]}")
+    if not torch.compiler.is_compiling():  # compiled graphs use the library `prepare` built
+        fused_library()
+    return dtype in _supported
+
+
+def _set_supported(lib: ctypes.CDLL) -> None:
+    global _supported
+    _supported = frozenset(dt for dt, suf in _SUFFIX.items() if hasattr(lib, f"upc_decode_{suf}"))
+
+
+def _threads(work: int) -> int:
+    # Tiny FFNs (tests, toy models) are faster on one thread than paying a fork/join.
+    return torch.get_num_threads() if work >= 1 << 18 else 1
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -326,10 +340,25 @@ def fused_sparse_decode(
         raise ValueError("idx_out must be int32 [T, n_banks * keep]")
     fn = getattr(lib, f"upc_decode_{_SUFFIX[dtype]}")
     rc = fn(
-        xf.data_ptr(), T, d, d_ff, r, w_in.data_ptr(), w_out.data_ptr(), _ptr(b_out), w_gate.data_ptr(),
-        w_up.data_ptr(), d, w_down_t.data_ptr(), bank_size, keep, int(gate_scale is not None),
-        0.0 if gate_scale is None else float(gate_scale), y.data_ptr(), _ptr(idx_out),
-        num_threads or torch.get_num_threads(),
+        xf.data_ptr(),
+        T,
+        d,
+        d_ff,
+        r,
+        w_in.data_ptr(),
+        w_out.data_ptr(),
+        _ptr(b_out),
+        w_gate.data_ptr(),
+        w_up.data_ptr(),
+        d,
+        w_down_t.data_ptr(),
+        bank_size,
+        keep,
+        int(gate_scale is not None),
+        0.0 if gate_scale is None else float(gate_scale),
+        y.data_ptr(),
+        _ptr(idx_out),
+        num_threads or _threads(T * d * d_ff),
     )
     if rc != 0:
         raise RuntimeError(f"upc_decode_{_SUFFIX[dtype]} returned {rc} (bad arguments or out of memory)")
@@ -365,3 +394,26 @@ def torch_sparse_decode(
     if gate_scale is not None:
         h = h * (2 * torch.sigmoid(gate_scale * z.gather(1, idx))).to(h.dtype)
     return F.embedding_bag(idx, w_down_t, per_sample_weights=h, mode="sum")
+
+
+# torch.compile sees the fused kernel as one opaque op (dynamo cannot trace a ctypes call).
+@torch.library.custom_op("upcycle::bank_sparse_decode_cpu", mutates_args=())
+def fused_sparse_decode_op(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down_t: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    bank_size: int,
+    keep: int,
+    gate_scale: Tensor | None,
+) -> Tensor:
+    alpha = None if gate_scale is None else float(gate_scale)
+    return fused_sparse_decode(x, w_gate, w_up, w_down_t, w_in, w_out, b_out, bank_size, keep, alpha)
+
+
+@fused_sparse_decode_op.register_fake
+def _(x, w_gate, w_up, w_down_t, w_in, w_out, b_out, bank_size, keep, gate_scale):
+    return x.new_empty(x.shape[0], w_down_t.shape[1])

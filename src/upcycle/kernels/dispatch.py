@@ -2,7 +2,8 @@
 
 `decode_forward(module, x)` returns None whenever no fast path applies (autograd on, a custom
 `mask_fn`, keep == bank_size, biases on the FFN linears, more tokens than the measured crossover,
-an unsupported device or dtype, or the fast path switched off); the module then runs the reference
+an unsupported device or dtype, FFN linears that are not plain hook-free nn.Linear, or the fast
+path switched off); the module then runs the reference
 (dense-masked) path. Training and prefill therefore never reach a kernel.
 
 Which kernel:
@@ -114,6 +115,10 @@ def prepare(model: nn.Module) -> int:
     total = 0
     for m in _sparse_modules(model):
         total += _cache(m).w_down_t.nbytes
+        if m.down_proj.weight.device.type == "cpu":
+            from upcycle.kernels import cpu
+
+            cpu.fused_library()  # build now: a compiled graph cannot run the compiler
     return total
 
 
@@ -143,6 +148,11 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
     if mode == "reference" or module.keep >= module.bank_size:
         return None
     gate, up, down = module.gate_proj, module.up_proj, module.down_proj
+    pred_in, pred_out = module.predictor.in_proj, module.predictor.out_proj
+    # Kernels read .weight directly: plain nn.Linear only (no LoRA/quantised wrappers), no hooks to skip.
+    for lin in (gate, up, down, pred_in, pred_out):
+        if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
+            return None
     if gate.bias is not None or up.bias is not None or down.bias is not None:
         return None
     d = module.hidden_size
@@ -153,7 +163,7 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
     if T == 0 or T > max_tokens(device):
         return None
     dtype = gate.weight.dtype
-    ws = (gate.weight, up.weight, module.predictor.in_proj.weight, module.predictor.out_proj.weight)
+    ws = (gate.weight, up.weight, down.weight, pred_in.weight, pred_out.weight)
     if x.dtype != dtype or any(w.dtype != dtype or w.device != x.device or not w.is_contiguous() for w in ws):
         return None
     if device == "cpu":
@@ -173,8 +183,16 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
     return _run(impl, module, x.reshape(T, d), x.shape)
 
 
-def _run(impl: str, module, x2: Tensor, shape: torch.Size) -> Tensor:
-    cache = _cache(module)
+def _run(impl: str, module, x2: Tensor, shape: torch.Size) -> Tensor | None:
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        # Under torch.compile the cache key (data_ptr, version) cannot be traced: call `prepare(model)`
+        # before compiling; without a cache the compiled graph keeps the reference path.
+        cache = module.__dict__.get(_CACHE_ATTR)
+        if cache is None:
+            return None
+    else:
+        cache = _cache(module)
     pred = module.predictor
     b_out = pred.out_proj.bias
     args = (
@@ -190,12 +208,19 @@ def _run(impl: str, module, x2: Tensor, shape: torch.Size) -> Tensor:
     if impl == "fused":
         from upcycle.kernels import cpu
 
-        alpha = None if module.gate_scale is None else float(module.gate_scale)
-        y = cpu.fused_sparse_decode(x2, *args, gate_scale=alpha)
+        if compiling:
+            y = cpu.fused_sparse_decode_op(x2, *args, module.gate_scale)
+        else:
+            alpha = None if module.gate_scale is None else float(module.gate_scale)
+            y = cpu.fused_sparse_decode(x2, *args, gate_scale=alpha)
     elif impl == "triton":
-        from upcycle.kernels.triton import sparse_decode
+        from upcycle.kernels import triton as triton_kernels
 
-        y = sparse_decode(x2, *args, gate_scale=module.gate_scale)  # gate_scale stays on device: no sync
+        # gate_scale stays a device tensor: no host sync, CUDA-graph safe.
+        if compiling:
+            y = triton_kernels.sparse_decode_op(x2, *args, module.gate_scale)
+        else:
+            y = triton_kernels.sparse_decode(x2, *args, gate_scale=module.gate_scale)
     else:
         from upcycle.kernels import cpu
 

@@ -77,6 +77,125 @@ class _MaskedSwiGLU(torch.autograd.Function):
         return dg, du, dz, None, dalpha, None
 
 
+# Rows per chunk of the fused training path: about this many [rows, d_ff] elements at a time.
+TRAIN_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(n_rows: int, d_ff: int):
+    step = max(1, TRAIN_CHUNK_ELEMENTS // d_ff)
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+class _FusedMaskedSwiGLU(torch.autograd.Function):
+    """The training path: `_MaskedSwiGLU` with the predictor's output projection folded in.
+
+    Inputs are g, u ([..., d_ff]) and the predictor's rank-r activations a ([..., r]) with the output
+    projection W, b; the logits z = a W^T + b exist only a block of rows at a time, in the forward
+    (for the mask and the sigmoid gate) and again in the backward (for the surrogate gradient). Saved
+    for backward: g, u, a, the bool mask. So a sparse FFN stores less than a dense one (g, u, mask vs
+    g, silu(g), u) and long sequences never hold [tokens, d_ff] logits or their gradient in full.
+    The backward uses aten's fused silu/sigmoid derivative kernels: fewer passes over [rows, d_ff].
+    `aux_keep > 0` also returns the BCE of z toward the oracle top-`aux_keep` of |silu(g) u| (mean
+    over elements), whose gradient is added to z's inside the same backward.
+    """
+
+    @staticmethod
+    def forward(ctx, g, u, a, w, b, alpha, bank_size: int, keep: int, tau: float, aux_keep: int):
+        ctx.set_materialize_grads(False)
+        d_ff = g.shape[-1]
+        g2, u2, a2 = g.reshape(-1, d_ff), u.reshape(-1, d_ff), a.reshape(-1, a.shape[-1])
+        out = torch.empty_like(g2)
+        mask = torch.ones(g2.shape, dtype=torch.bool, device=g.device)
+        target = torch.zeros_like(mask) if aux_keep else None
+        aux = torch.zeros((), dtype=torch.float32, device=g.device)
+        ctx.z_dtype = a.dtype
+        for rows in _row_chunks(len(g2), d_ff):
+            z = F.linear(a2[rows], w, b)
+            ctx.z_dtype = z.dtype  # autocast's choice; the backward recomputes z in it
+            if keep < bank_size:  # top `keep` of every bank, written straight into the saved mask
+                _scatter_topk(mask[rows], z, bank_size, keep)
+            h = F.silu(g2[rows]).mul_(u2[rows])
+            if aux_keep:
+                _scatter_topk(target[rows], h.abs(), bank_size, aux_keep)
+                aux += F.binary_cross_entropy_with_logits(z.float(), target[rows].float(), reduction="sum")
+            if alpha is not None:
+                h.mul_((2 * torch.sigmoid(alpha * z)).to(h.dtype))
+            torch.mul(h, mask[rows], out=out[rows])
+        ctx.save_for_backward(g, u, a, w, b, mask, alpha, target)
+        ctx.tau, ctx.n_elements = tau, g2.numel()
+        if not aux_keep:
+            ctx.mark_non_differentiable(aux)
+        return out.view(g.shape), aux / g2.numel()
+
+    @staticmethod
+    def backward(ctx, dout, daux):
+        g, u, a, w, b, mask, alpha, target = ctx.saved_tensors
+        d_ff, r = g.shape[-1], a.shape[-1]
+        g2, u2, a2 = g.reshape(-1, d_ff), u.reshape(-1, d_ff), a.reshape(-1, r)
+        dout2 = torch.zeros_like(g2) if dout is None else dout.reshape(-1, d_ff)
+        need_a, need_w, need_b, need_alpha = (ctx.needs_input_grad[i] for i in (2, 3, 4, 5))
+        need_z = need_a or need_w or need_b or (need_alpha and alpha is not None)
+        zd, tau = ctx.z_dtype, ctx.tau
+        wz, bz = w.to(zd), None if b is None else b.to(zd)
+        dg, du = torch.empty_like(g2), torch.empty_like(u2)
+        da = torch.empty_like(a2) if need_a else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        db = torch.zeros(d_ff, dtype=torch.float32, device=w.device) if need_b and b is not None else None
+        dalpha = torch.zeros((), dtype=torch.float32, device=g.device) if need_alpha and alpha is not None else None
+        for rows in _row_chunks(len(g2), d_ff):
+            gc, uc, m, do = g2[rows], u2[rows], mask[rows], dout2[rows]
+            s = F.silu(gc)
+            p = do * uc  # d out / d silu(g), before mask and gate
+            z = F.linear(a2[rows].to(zd), wz, bz) if need_z or alpha is not None else None
+            dz = None
+            if alpha is None:
+                if need_z:  # straight-through: d/dz of sigmoid(z / tau) stands in for the 0/1 gate
+                    soft = torch.sigmoid(z.float() / tau if tau != 1 else z.float())
+                    dz = torch.ops.aten.sigmoid_backward((p * s).float(), soft)
+                    if tau != 1:
+                        dz.div_(tau)
+                p.mul_(m)
+                torch.mul(do, m, out=du[rows]).mul_(s)
+            else:
+                sig_z = torch.sigmoid(alpha * z.float())
+                p.mul_(m)
+                # gate = 2 sigmoid(alpha z): d gate / d(alpha z) = 2 sig_z (1 - sig_z)
+                dpre = torch.ops.aten.sigmoid_backward((p * s).float(), sig_z).mul_(2)
+                if dalpha is not None:
+                    dalpha += (dpre * z.float()).sum()
+                if need_z:
+                    dz = dpre.mul_(alpha)
+                gate = (2 * sig_z).to(s.dtype)
+                p.mul_(gate)
+                torch.mul(do, m, out=du[rows]).mul_(gate).mul_(s)
+            if target is not None and daux is not None and need_z:
+                dz = dz + (torch.sigmoid(z.float()) - target[rows].float()) * (daux / ctx.n_elements)
+            torch.ops.aten.silu_backward.grad_input(p, gc, grad_input=dg[rows])
+            if dz is not None:
+                dz = dz.to(zd)
+                if da is not None:
+                    torch.matmul(dz, wz, out=da[rows])
+                if dw is not None:
+                    dw += (dz.t() @ a2[rows].to(zd)).float()
+                if db is not None:
+                    db += dz.float().sum(0)
+        return (
+            dg.view(g.shape), du.view(u.shape), None if da is None else da.view(a.shape),
+            None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype),
+            None if dalpha is None else dalpha.to(alpha.dtype).reshape(alpha.shape), None, None, None, None,
+        )
+
+
+def _scatter_topk(mask_rows: Tensor, scores: Tensor, bank_size: int, keep: int) -> None:
+    """mask_rows[...] = bank_topk_mask(scores, bank_size, keep), written in place (no temporary mask)."""
+    n, d_ff = scores.shape
+    idx = scores.reshape(n, d_ff // bank_size, bank_size).topk(keep, dim=-1, sorted=False).indices
+    view = mask_rows.view(n, d_ff // bank_size, bank_size)
+    view.zero_()
+    view.scatter_(-1, idx, True)
+
+
 class BankSparseSwiGLU(nn.Module):
     """y = down_proj(mask * gate * silu(gate_proj(x)) * up_proj(x)); mask: top `keep` of every bank.
 
@@ -147,6 +266,16 @@ class BankSparseSwiGLU(nn.Module):
                 # Inference at keep == bank_size: the dense function, no predictor needed.
                 return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         g, u = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and self.mask_fn is None:
+            # Training: the fused path never holds the [tokens, d_ff] logits in full (see _FusedMaskedSwiGLU).
+            out = self.predictor.out_proj
+            h, aux = _FusedMaskedSwiGLU.apply(
+                g, u, self.predictor.in_proj(x), out.weight, out.bias, self.gate_scale, self.bank_size, self.keep,
+                self.ste_temperature, self.target_keep if self.record_aux else 0,
+            )
+            if self.record_aux:
+                self.aux_loss = aux
+            return self.down_proj(h)
         z = self.predictor(x)
         with torch.no_grad():
             if self.mask_fn is not None:

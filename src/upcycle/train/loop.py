@@ -336,7 +336,7 @@ class _Trainer:
         elif not env.is_main:
             return None
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.config.use_cache = True
         dtype = self.saved_dtype if cfg.save_dtype == "auto" else DTYPES[cfg.save_dtype]
         model.to(device="cpu", dtype=dtype).eval()

@@ -16,14 +16,19 @@ from torch.utils.checkpoint import checkpoint
 from upcycle.modules import sparse_ffns
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """bf16 / fp16 logits -> fp32 for the softmax; fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def _chunk_losses(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, th: Tensor | None, tw: Tensor | None,
                   tb: Tensor | None, temperature: float) -> tuple[Tensor, Tensor]:
     """Summed CE and summed T^2-scaled KL(teacher || student) over the rows of one chunk."""
-    logits = F.linear(h, w, b).float()
+    logits = _upcast(F.linear(h, w, b))
     ce = F.cross_entropy(logits, y, reduction="sum")
     if th is None:
         return ce, logits.new_zeros(())
-    t_logits = F.linear(th, tw, tb).float()
+    t_logits = _upcast(F.linear(th, tw, tb))
     logp_s = F.log_softmax(logits / temperature, dim=-1)
     logp_t = F.log_softmax(t_logits / temperature, dim=-1)
     kl = (logp_t.exp() * (logp_t - logp_s)).sum() * temperature**2

@@ -74,7 +74,11 @@ def build_student(cfg) -> tuple[nn.Module, torch.dtype]:
                     "(`upcycle convert`) or pass --bank-size/--keep to train a sparse one.", cfg.model)
     configure(model, cfg)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; 4.x has the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train(), saved
 
 

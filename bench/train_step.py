@@ -1,0 +1,233 @@
+"""Training-step throughput and peak memory, bank-sparse vs dense: same model, same process, several lengths.
+
+    python bench/train_step.py                       # CPU default, ~3-4 min on 2 cores
+    python bench/train_step.py --seq-lens 4096 8192 --layers 4 --grad-ckpt   # e.g. on a GPU
+
+One step = forward + backward + AdamW of the `upcycle.train` objective (chunked LM loss, no teacher),
+batch 1. The dense model is the sparse model's own parent (same weights, `upcycle.to_dense` of a copy).
+Time: the two methods alternate step by step (order flipped every round) and the median is reported,
+so load from other processes hits both alike. Memory, per method: peak during the step minus what was
+resident before it (activations, gradients, temporaries: `step_mb`), plus that method's persistent
+state (weights + AdamW moments: `peak_mb`, what a GPU's max_memory_allocated would show for that
+model alone). On CPU the peak is the process's VmHWM (reset through /proc/self/clear_refs) with glibc
+told to give freed blocks back (MALLOC_MMAP_THRESHOLD_), so RSS follows live tensors; on CUDA it is
+torch.cuda.max_memory_allocated. Results: bench/results/train_step_{cpu,cuda}.{json,csv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _status_kb(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+class CpuMemory:
+    def start(self) -> None:
+        gc.collect()
+        self.base = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+    def peak_bytes(self) -> int:
+        return (_status_kb("VmHWM") - self.base) * 1024
+
+
+class CudaMemory:
+    def start(self) -> None:
+        import torch
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+
+    def peak_bytes(self) -> int:
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.base
+
+
+def build(args, device):
+    import torch
+
+    import upcycle
+    from upcycle.toy import tiny_model
+    from upcycle.train.losses import Objective
+
+    dense = tiny_model("qwen2", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                       num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq_lens))
+    sparse = upcycle.convert(copy.deepcopy(dense), upcycle.BankSparseConfig(bank_size=args.bank_size, keep=args.keep),
+                             progress=False)
+    dense = upcycle.to_dense(copy.deepcopy(sparse))  # the sparse model's dense parent, same weights
+    models = {}
+    for name, m in (("sparse", sparse), ("dense", dense)):
+        m.set_attn_implementation("sdpa")
+        m.config.use_cache = False
+        if args.grad_ckpt:
+            m.activation_checkpointing_enable()
+        m.to(device).train()
+        obj = Objective(m, chunk_tokens=args.loss_chunk)
+        opt = torch.optim.AdamW(obj.parameters(), lr=1e-5)
+        models[name] = (obj, opt)
+    return models
+
+
+def state_bytes(obj, opt) -> int:
+    params = sum(p.numel() * p.element_size() for p in obj.parameters())
+    moments = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if hasattr(t, "numel"))
+    return params + moments
+
+
+def measure(args) -> list[dict]:
+    """One sequence length (runs in its own process)."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    seq = args.seq_lens[0]
+    models = build(args, device)
+    mem = CudaMemory() if device.type == "cuda" else CpuMemory()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (1, seq), generator=gen).to(device)
+
+    def step(name):
+        obj, opt = models[name]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast:
+            loss = obj(ids)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for name in models:  # warm-up; creates the AdamW moments
+        step(name)
+    peaks = {}
+    for name in models:
+        mem.start()
+        step(name)
+        peaks[name] = mem.peak_bytes()
+    times = {name: [] for name in models}
+    for r in range(args.reps):
+        for name in (("sparse", "dense") if r % 2 == 0 else ("dense", "sparse")):
+            times[name].append(step(name))
+    rows = []
+    for name in ("sparse", "dense"):
+        t = statistics.median(times[name])
+        state = state_bytes(*models[name])
+        rows.append({"seq_len": seq, "method": name, "step_s": t, "tokens_per_s": seq / t,
+                     "peak_mb": (state + peaks[name]) / 2**20, "step_mb": peaks[name] / 2**20,
+                     "state_mb": state / 2**20, "times_s": times[name], "device": device.type,
+                     "threads": torch.get_num_threads() if device.type == "cpu" else None})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096])
+    # default layer shape: Qwen2.5-0.5B's (d 896, d_ff 4864 = 76 banks of 64, 14 heads / 2 KV heads), 2 layers,
+    # a small vocabulary so the LM head does not hide the FFN in the step time
+    p.add_argument("--hidden", type=int, default=896)
+    p.add_argument("--ffn", type=int, default=4864)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=14)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--bank-size", type=int, default=64)
+    p.add_argument("--keep", type=int, default=16)
+    p.add_argument("--reps", type=int, default=4, help="timed steps per method")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on shared cores)")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on both models")
+    p.add_argument("--loss-chunk", type=int, default=2048)
+    p.add_argument("--cpu", action="store_true", help="CPU even if a GPU is visible")
+    p.add_argument("--out", default=None, help="results stem (default bench/results/train_step_{cpu,cuda})")
+    p.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._one:
+        print("ROWS " + json.dumps(measure(args)), flush=True)
+        return 0
+
+    rows = []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the OS: RSS = live memory
+    for seq in args.seq_lens:
+        cmd = [sys.executable, __file__, "--_one", *_passthrough(argv), "--seq-lens", str(seq)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("ROWS ")), None)
+        if proc.returncode or line is None:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            return 1
+        rows += json.loads(line[5:])
+        _print_rows(rows[-2:], header=len(rows) == 2)
+    device = rows[0]["device"]
+    stem = Path(args.out) if args.out else RESULTS / f"train_step_{device}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    meta["command"] = "python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ratios = _ratios(rows)
+    stem.with_suffix(".json").write_text(json.dumps({"config": meta, "rows": rows, "ratios": ratios}, indent=1))
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "times_s"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print("\nsparse / dense")
+    print(f"{'seq_len':>8} {'time':>7} {'peak mem':>9} {'step mem':>9}")
+    for r in ratios:
+        print(f"{r['seq_len']:>8} {r['time']:>6.3f}x {r['peak_mem']:>8.3f}x {r['step_mem']:>8.3f}x")
+    print(f"\nwrote {stem.with_suffix('.json')} and .csv")
+    return 0
+
+
+def _passthrough(argv) -> list[str]:
+    """The user's flags minus --seq-lens (each child gets one length)."""
+    out, skip = [], False
+    for a in (argv if argv is not None else sys.argv[1:]):
+        if a == "--seq-lens":
+            skip = True
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        out.append(a)
+    return out
+
+
+def _ratios(rows: list[dict]) -> list[dict]:
+    by = {(r["seq_len"], r["method"]): r for r in rows}
+    return [{"seq_len": s, "time": by[s, "sparse"]["step_s"] / by[s, "dense"]["step_s"],
+             "peak_mem": by[s, "sparse"]["peak_mb"] / by[s, "dense"]["peak_mb"],
+             "step_mem": by[s, "sparse"]["step_mb"] / by[s, "dense"]["step_mb"]}
+            for s in sorted({r["seq_len"] for r in rows})]
+
+
+def _print_rows(rows: list[dict], header: bool) -> None:
+    if header:
+        print(f"{'seq_len':>8} {'method':>7} {'step_s':>8} {'tok/s':>8} {'peak_mb':>9} {'step_mb':>9}")
+    for r in rows:
+        print(f"{r['seq_len']:>8} {r['method']:>7} {r['step_s']:>8.3f} {r['tokens_per_s']:>8.0f} "
+              f"{r['peak_mb']:>9.1f} {r['step_mb']:>9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

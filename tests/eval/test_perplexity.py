@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upcycle.eval import perplexity as ppl_module
+from upcycle.eval.perplexity import load_tokenizer, perplexity, read_text, windows
+from upcycle.toy import tiny_model
+
+
+@pytest.mark.parametrize("n,seq_len,stride", [(40, 16, 16), (40, 16, 8), (41, 16, 5), (17, 16, 16), (33, 16, 1)])
+def test_windows_score_every_token_once(n, seq_len, stride):
+    wins = windows(n, seq_len, stride)
+    scored = [t for b, e, f in wins for t in range(f, e)]
+    assert all(e - b <= seq_len and b < f for b, e, f in wins)
+    if stride == seq_len:  # non-overlapping: the first token of every window has no context
+        assert scored == [t for b, e, _ in wins for t in range(b + 1, e)]
+    else:
+        assert scored == list(range(1, n))
+
+
+def test_windows_max_and_errors():
+    assert len(windows(1000, 100, 100, max_windows=3)) == 3
+    with pytest.raises(ValueError, match="stride"):
+        windows(100, 10, 11)
+    with pytest.raises(ValueError, match="seq_len"):
+        windows(100, 1)
+
+
+def test_single_window_ppl_is_exp_mean_nll():
+    model = tiny_model("llama", vocab_size=97)
+    ids = torch.randint(0, 97, (37,))
+    logits = model(ids[None]).logits[0].float()
+    by_hand = math.exp(F.cross_entropy(logits[:-1], ids[1:]).item())
+    r = perplexity(model, ids, seq_len=64)
+    assert r["tokens_scored"] == 36 and r["windows"] == 1
+    assert r["ppl"] == pytest.approx(by_hand, rel=1e-5)
+
+
+@pytest.mark.parametrize("stride,batch_size,chunk", [(16, 1, 1024), (16, 3, 5), (7, 2, 4)])
+def test_windowed_ppl_matches_loop(stride, batch_size, chunk, monkeypatch):
+    monkeypatch.setattr(ppl_module, "LOGIT_CHUNK", chunk)  # logits a few positions at a time
+    model = tiny_model("qwen2", vocab_size=101)
+    ids = torch.randint(0, 101, (75,))
+    nll, count = 0.0, 0
+    for b, e, f in windows(len(ids), 16, stride):
+        logp = model(ids[None, b:e]).logits[0].float().log_softmax(-1)
+        for t in range(f, e):
+            nll -= logp[t - b - 1, ids[t]].item()
+            count += 1
+    r = perplexity(model, ids, seq_len=16, stride=stride, batch_size=batch_size)
+    assert r["tokens_scored"] == count
+    assert r["nll_mean"] == pytest.approx(nll / count, rel=1e-5)
+    assert r["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_kl_to_reference(monkeypatch):
+    monkeypatch.setattr(ppl_module, "LOGIT_CHUNK", 6)
+    model, other = tiny_model("qwen2", vocab_size=64, seed=1), tiny_model("qwen2", vocab_size=64, seed=2)
+    ids = torch.randint(0, 64, (20,))
+    assert perplexity(model, ids, seq_len=32, reference=model)["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    p_ref = other(ids[None]).logits[0, :-1].float().log_softmax(-1)
+    p = model(ids[None]).logits[0, :-1].float().log_softmax(-1)
+    by_hand = F.kl_div(p, p_ref, log_target=True, reduction="sum").item() / 19
+    kl = perplexity(model, ids, seq_len=32, reference=other)["kl_ref"]
+    assert kl > 0 and kl == pytest.approx(by_hand, rel=1e-4)
+
+
+def test_read_text_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_text(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="no text"):
+        read_text(tmp_path / "empty.txt")
+    with pytest.raises(ValueError, match="directory"):
+        read_text(tmp_path)
+
+
+def test_missing_tokenizer_is_clear(tmp_path):
+    tiny_model("qwen2", vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_tokenizer(tmp_path)

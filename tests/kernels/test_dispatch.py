@@ -1,0 +1,173 @@
+"""The module's no-grad forward through `dispatch.decode_forward` equals the reference path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import upcycle
+from upcycle.kernels import cpu, dispatch
+from upcycle.modules import BankSparseSwiGLU, sparse_ffns
+from upcycle.toy import tiny_model
+
+
+def _module(d=64, d_ff=256, mode="ste", keep=16, bank=64, dtype=torch.float32) -> BankSparseSwiGLU:
+    lin = lambda i, o: nn.Linear(i, o, bias=False, dtype=dtype)  # noqa: E731
+    m = BankSparseSwiGLU(
+        lin(d, d_ff), lin(d, d_ff), lin(d_ff, d), nn.SiLU(), bank, keep, 16, gate_mode=mode, sigmoid_scale_init=0.8
+    )
+    with torch.no_grad():
+        m.predictor.out_proj.bias.normal_(0, 0.1)
+    return m.eval()
+
+
+def _both(m, x):
+    """(fast-path output or None, reference-path output), both under no_grad."""
+    with torch.no_grad():
+        fast = dispatch.decode_forward(m, x)
+        with dispatch.use_kernels("reference"):
+            ref = m(x)
+    return fast, ref
+
+
+def _close(a, b, rtol=1e-5):
+    return ((a - b).float().norm() / b.float().norm()).item() < rtol
+
+
+@pytest.mark.parametrize("mode", ["ste", "sigmoid"])
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (2, 3)])
+def test_decode_matches_reference(mode, impl, shape):
+    m = _module(mode=mode)
+    x = torch.randn(*shape, 64)
+    with dispatch.use_kernels(impl):
+        fast, ref = _both(m, x)
+        with torch.no_grad():
+            via_forward = m(x)
+    assert fast is not None and fast.shape == x.shape and fast.dtype == x.dtype
+    assert _close(fast, ref)
+    assert torch.equal(via_forward, fast)
+
+
+@pytest.mark.parametrize("mode", ["ste", "sigmoid"])
+def test_bf16_decode_matches_reference(mode):
+    """bf16: logits made exactly representable (bias only), so both paths keep the same channels."""
+    m = _module(mode=mode, dtype=torch.bfloat16)
+    with torch.no_grad():
+        m.predictor.out_proj.weight.zero_()
+        m.predictor.out_proj.bias.copy_(torch.randperm(256).float() / 64)
+    x = torch.randn(3, 1, 64, dtype=torch.bfloat16)
+    fast, ref = _both(m, x)
+    assert fast is not None and fast.dtype == torch.bfloat16
+    assert _close(fast, ref, 2e-2)
+
+
+def test_per_layer_keep_and_bank():
+    for keep, bank in [(8, 64), (1, 32), (20, 32)]:
+        m = _module(keep=keep, bank=bank)
+        fast, ref = _both(m, torch.randn(2, 1, 64))
+        assert fast is not None and _close(fast, ref)
+
+
+def test_no_fast_path_when_it_must_not_apply(monkeypatch):
+    m = _module()
+    x = torch.randn(1, 1, 64)
+    assert dispatch.decode_forward(m, x) is None  # autograd on
+    with torch.no_grad():
+        prefill = torch.randn(1, dispatch.max_tokens("cpu") + 1, 64)
+        assert dispatch.decode_forward(m, prefill) is None
+        with dispatch.use_kernels("reference"):
+            assert dispatch.decode_forward(m, x) is None
+        monkeypatch.setenv("UPCYCLE_KERNELS", "reference")
+        assert dispatch.decode_forward(m, x) is None
+        monkeypatch.delenv("UPCYCLE_KERNELS")
+        assert dispatch.decode_forward(m, x) is not None
+        m.keep = m.bank_size  # dense
+        assert dispatch.decode_forward(m, x) is None
+        m.keep = 16
+        m.mask_fn = lambda mod, x, g, u, z: torch.ones_like(z, dtype=torch.bool)
+        assert dispatch.decode_forward(m, x) is None
+        m.mask_fn = None
+        h = m.down_proj.register_forward_hook(lambda *a: None)  # hooks must see the real call
+        assert dispatch.decode_forward(m, x) is None
+        h.remove()
+        m.up_proj.bias = nn.Parameter(torch.zeros(256))
+        assert dispatch.decode_forward(m, x) is None
+
+
+def test_prefill_runs_reference_path():
+    m = _module()
+    x = torch.randn(2, 40, 64)
+    with torch.no_grad():
+        y = m(x)
+        with dispatch.use_kernels("reference"):
+            ref = m(x)
+    assert torch.equal(y, ref)
+
+
+def test_cache_invalidated_when_weights_change():
+    m = _module()
+    x = torch.randn(1, 1, 64)
+    sd_keys = set(m.state_dict())
+    fast, ref = _both(m, x)
+    assert _close(fast, ref)
+    assert set(m.state_dict()) == sd_keys  # the packed copy is not state
+    with torch.no_grad():
+        m.down_proj.weight.mul_(-2.0)  # in place: same storage, new version
+    fast2, ref2 = _both(m, x)
+    assert _close(fast2, ref2) and not _close(fast2, fast)
+    m.load_state_dict({k: v.clone() * 0.5 for k, v in m.state_dict().items()})
+    fast3, ref3 = _both(m, x)
+    assert _close(fast3, ref3)
+    # Training between decodes: an optimizer step changes every weight in place.
+    m.train()
+    m(torch.randn(3, 5, 64)).pow(2).mean().backward()
+    with torch.no_grad():
+        for p in m.parameters():  # what an optimizer step does: in-place updates
+            p.sub_(0.5 * p.grad / (p.grad.norm() + 1e-12))
+    m.eval()
+    fast4, ref4 = _both(m, x)
+    assert _close(fast4, ref4) and not _close(fast4, fast3)
+    dispatch.release(m)
+    assert dispatch.prepare(m) == m.down_proj.weight.nbytes
+
+
+@pytest.mark.skipif(not cpu.fused_available(), reason="no C compiler: fused CPU kernel not built")
+def test_fused_path_is_taken_on_cpu(monkeypatch):
+    m = _module()
+    calls = []
+    real = cpu.fused_sparse_decode
+    monkeypatch.setattr(cpu, "fused_sparse_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        m(torch.randn(1, 1, 64))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("arch,mode", [("qwen2", "ste"), ("llama", "sigmoid")])
+def test_generate_matches_reference_generate(arch, mode):
+    model = tiny_model(arch, vocab_size=512)
+    upcycle.convert(model, upcycle.BankSparseConfig(predictor_init="random", gate_mode=mode), progress=False)
+    for _, m in sparse_ffns(model):
+        with torch.no_grad():
+            m.predictor.out_proj.bias.normal_(0, 0.5)
+    ids = torch.randint(0, 512, (2, 7))
+    runs = []
+    real = dispatch._run
+    calls = []
+
+    def spy(*a, **k):
+        calls.append(a[2].shape)
+        return real(*a, **k)
+
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dispatch._run = spy
+        try:
+            runs.append(model.generate(ids, **kw))
+        finally:
+            dispatch._run = real
+        with dispatch.use_kernels("reference"):
+            runs.append(model.generate(ids, **kw))
+    assert torch.equal(runs[0], runs[1])
+    assert len(calls) >= 2 * 11  # every decode step of both layers took the fast path

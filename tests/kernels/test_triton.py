@@ -1,0 +1,111 @@
+"""Triton decode kernels vs the reference, run on CPU tensors through the Triton interpreter.
+
+The interpreter executes the same kernel code (indexing, masks, the in-register top-k, split-K
+reduction) with NumPy; it does not check GPU-only properties (performance, shared memory limits).
+Tiny shapes: the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Without a GPU the kernels run in the Triton interpreter, which must be on before triton is first
+# imported (its own jit helpers, e.g. tl.sum's combine function, are decorated at import time).
+INTERPRET = not torch.cuda.is_available()
+_imported_before = "triton" in sys.modules
+if INTERPRET and not _imported_before:
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+DEVICE = "cpu" if INTERPRET else "cuda"
+# Something imported triton earlier in this session without the interpreter: rerun this file alone.
+RERUN = INTERPRET and _imported_before and os.environ.get("TRITON_INTERPRET") != "1"
+
+from upcycle.kernels.reference import bank_topk_indices, predictor_logits, sparse_swiglu_reference  # noqa: E402
+
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+skip_if_rerun = pytest.mark.skipif(RERUN, reason="run in a fresh interpreter-mode process by test_rerun_in_subprocess")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from upcycle.kernels.triton import decode
+
+    return decode
+
+
+@pytest.mark.skipif(not RERUN, reason="only needed when triton was imported before the interpreter was enabled")
+def test_rerun_in_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+@skip_if_rerun
+@pytest.mark.parametrize(
+    "dtype,T,alpha,d,d_ff,r,bank,keep,bias",
+    [
+        (torch.float32, 1, None, 80, 256, 24, 64, 16, True),
+        (torch.bfloat16, 2, 0.7, 64, 256, 16, 64, 16, True),
+        (torch.float16, 3, None, 40, 96, 8, 48, 12, False),  # bank and keep not powers of two, d not a block multiple
+        (torch.float32, 16, 0.5, 16, 64, 4, 32, 5, True),
+    ],
+)
+def test_triton_matches_reference(kernels, dtype, T, alpha, d, d_ff, r, bank, keep, bias):
+    w_gate, w_up = (torch.randn(d_ff, d) / d**0.5).to(dtype), (torch.randn(d_ff, d) / d**0.5).to(dtype)
+    w_down = (torch.randn(d, d_ff) / d_ff**0.5).to(dtype)
+    w_in, w_out = (torch.randn(r, d) / d**0.5).to(dtype), (torch.randn(d_ff, r) / r**0.5).to(dtype)
+    b_out = (torch.randn(d_ff) * 0.1).to(dtype) if bias else None
+    x = torch.randn(T, d).to(dtype)
+    a = None if alpha is None else torch.tensor(alpha, dtype=dtype)
+    w_gate, w_up, w_down, w_in, w_out, b_out, x, a = (
+        None if t is None else t.to(DEVICE) for t in (w_gate, w_up, w_down, w_in, w_out, b_out, x, a)
+    )
+    k = d_ff // bank * keep
+    out = torch.full((T, d), float("nan"), dtype=dtype, device=DEVICE)
+    idx = torch.full((T, k), -1, dtype=torch.int32, device=DEVICE)
+    y = kernels.sparse_decode(
+        x,
+        w_gate,
+        w_up,
+        w_down.t().contiguous(),
+        w_in,
+        w_out,
+        b_out,
+        bank,
+        keep,
+        a,
+        out=out,
+        idx_out=idx,
+        block_d=32,
+        block_n=16,
+        block_k=16,
+        split_k=2,
+    )
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    ref = sparse_swiglu_reference(f(x), f(w_gate), f(w_up), f(w_down), f(w_in), f(w_out), f(b_out), bank, keep, f(a))
+    ref_idx = bank_topk_indices(predictor_logits(f(x), f(w_in), f(w_out), f(b_out)), bank, keep)
+    assert y is out and torch.isfinite(out).all(), "every output element must be written"
+    assert torch.equal(idx.long(), ref_idx)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < RTOL[dtype]
+
+
+@skip_if_rerun
+def test_triton_default_tiles(kernels):
+    """The launcher's own tile and split choices (as used on the GPU), float32, one token."""
+    d, d_ff, r = 96, 512, 16
+    w = [torch.randn(s, device=DEVICE) / s[-1] ** 0.5 for s in [(d_ff, d), (d_ff, d), (d, d_ff), (r, d), (d_ff, r)]]
+    b = torch.randn(d_ff, device=DEVICE) * 0.1
+    x = torch.randn(1, d, device=DEVICE)
+    y = kernels.sparse_decode(x, w[0], w[1], w[2].t().contiguous(), w[3], w[4], b, 64, 16)
+    ref = sparse_swiglu_reference(x, w[0], w[1], w[2], w[3], w[4], b, 64, 16)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-5  # TF32 is not involved: no tl.dot
