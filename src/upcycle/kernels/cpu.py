@@ -115,12 +115,13 @@ int upc_decode_##SUF(const float *x, int T, int d, int dff, int r, const char *w
         float *z = scr + scratch * tid, *gate = z + bank, *kv = gate + (size_t)T * bank;             \
         int *ki = (int *)(kv + keep);                                                                \
         uint64_t *mb = mbs + (size_t)bank * tid;                                                     \
-        _Pragma("omp for schedule(static)")                                                          \
+        _Pragma("omp for schedule(dynamic, 8)")                                                      \
         for (int j = 0; j < r; j++)                                                                  \
             for (int t = 0; t < T; t++)                                                              \
                 a[(size_t)t * r + j] = dot_##SUF(win + (long)j * d * ES, x + (size_t)t * d, d);      \
-        /* Each thread owns whole banks: routing and gathers of a bank need no further barrier. */ \
-        _Pragma("omp for schedule(static) nowait")                                                   \
+        /* A thread owns whole banks: routing and gathers of a bank need no further barrier. Dynamic   \
+           chunks: on a shared machine a descheduled thread's banks are taken over, not waited for. */ \
+        _Pragma("omp for schedule(dynamic, 2) nowait")                                               \
         for (int b = 0; b < nb; b++) {                                                               \
             int c0 = b * bank;                                                                       \
             memset(mb, 0, sizeof(uint64_t) * bank);                                                  \
