@@ -136,14 +136,20 @@ def make_providers(args, copies: list[BankSparseSwiGLU]) -> dict:
     def dense(m, x):
         return dense_mods[id(m)](x)
 
-    def run_mode(mode):
+    def run_mode(mode, layout=None):
         def fn(m, x):
-            with dispatch.use_kernels(mode):
+            with dispatch.use_kernels(mode, layout):
                 return m(x)
 
         return fn
 
-    providers = {"dense": dense}
+    def dense_per_token(m, x):
+        # Per-token GEMVs: on some BLAS builds small-M GEMM is slower than M GEMVs; the best counts.
+        w_g, w_u, w_d = m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
+        xs = x.reshape(-1, x.shape[-1])
+        return torch.stack([torch.mv(w_d, F.silu(torch.mv(w_g, v)) * torch.mv(w_u, v)) for v in xs]).view_as(x)
+
+    providers = {"dense": dense, "dense-per-token": dense_per_token}
     if args.compile:
         compiled = torch.compile(DenseFFN(copies[0]), dynamic=True)
 
@@ -152,7 +158,9 @@ def make_providers(args, copies: list[BankSparseSwiGLU]) -> dict:
             return compiled(x)
 
         providers["dense-compiled"] = dense_compiled
-    providers["sparse-fused"] = run_mode("fused")
+    providers["sparse-fused"] = run_mode("fused", "split")
+    if args.bundle:
+        providers["sparse-fused-bundle"] = run_mode("fused", "bundle")
     if not args.no_torch_path:
         providers["sparse-torch"] = run_mode("torch")
     if args.reference:
@@ -218,7 +226,13 @@ def bench_ffn(args, device: str, dtype: torch.dtype, bw: float) -> list[dict]:
                 union = bank_topk_indices(z, BANK, KEEP).unique().numel()
                 with dispatch.use_kernels("fused"):
                     ok = dispatch.decode_forward(m0, x) is not None
-                active = {k: v for k, v in providers.items() if k != "sparse-fused" or ok}
+                active = {
+                    k: v
+                    for k, v in providers.items()
+                    if (not k.startswith("sparse-fused") or ok)
+                    and (k != "sparse-torch" or T <= args.torch_path_max_batch)
+                    and (k != "dense-per-token" or T > 1)
+                }
                 if not ok:
                     print(f"  [{name} T={T}] no fused path here (UPCYCLE_DECODE_MAX_TOKENS / device); skipped")
                 if device == "cuda":
@@ -227,6 +241,7 @@ def bench_ffn(args, device: str, dtype: torch.dtype, bw: float) -> list[dict]:
                     times = time_providers(active, copies, x, device, args.budget, args.min_iters, args.max_iters)
             med = {k: statistics.median(v) for k, v in times.items()}
             best_dense = min(v for k, v in med.items() if k.startswith("dense"))
+            best_dense_min = min(min(v) for k, v in times.items() if k.startswith("dense"))
             for k, v in times.items():
                 sparse = k.startswith("sparse") and k != "sparse-reference"
                 nbytes = ffn_bytes(d, d_ff, r, es, union if sparse else None)
@@ -245,6 +260,8 @@ def bench_ffn(args, device: str, dtype: torch.dtype, bw: float) -> list[dict]:
                         p75_us=q[2] * 1e6,
                         iters=len(v),
                         speedup_vs_best_dense=best_dense / med[k],
+                        min_us=min(v) * 1e6,
+                        speedup_of_mins=best_dense_min / min(v),
                         bytes=nbytes,
                         union_channels=union if sparse else d_ff,
                         achieved_GBs=nbytes / med[k] / 1e9,
@@ -254,6 +271,7 @@ def bench_ffn(args, device: str, dtype: torch.dtype, bw: float) -> list[dict]:
                 )
                 print(
                     f"{name:13s} T={T:<3d} {k:17s} {med[k] * 1e6:10.1f} us  x{best_dense / med[k]:5.2f}  "
+                    f"(mins x{best_dense_min / min(v):5.2f})  "
                     f"{nbytes / med[k] / 1e9:7.1f} GB/s  floor {nbytes / bw * 1e6:9.1f} us",
                     flush=True,
                 )
@@ -307,13 +325,29 @@ def bench_e2e(args, device: str, dtype: torch.dtype) -> list[dict]:
         eos_token_id=None,
     )
 
-    def tokens_per_s(mode: str | None) -> float:
-        with torch.no_grad(), dispatch.use_kernels(mode or "auto"):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepTimer(LogitsProcessor):
+        """Called once per generated token, after that step's forward: stamps the step times."""
+
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            sync(device)
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    def generate_run(mode: str | None, layout: str | None = None) -> tuple[float, list[float]]:
+        """(tokens/s of the whole generate call, the decode-step durations after the first token)."""
+        timer = StepTimer()
+        with torch.no_grad(), dispatch.use_kernels(mode or "auto", layout):
             sync(device)
             t0 = time.perf_counter()
-            out = model.generate(ids, **gen)
+            out = model.generate(ids, logits_processor=LogitsProcessorList([timer]), **gen)
             sync(device)
-        return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - t0)
+        steps = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
+        return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - t0), steps
 
     with torch.no_grad():
         model.generate(ids, **{**gen, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
@@ -323,7 +357,9 @@ def bench_e2e(args, device: str, dtype: torch.dtype) -> list[dict]:
     convert(model, BankSparseConfig(predictor_init="random"), progress=False)
     model.eval()
     sparse_ffns = {name: model.get_submodule(name) for name in dense_ffns}
-    dispatch.prepare(model)
+    layouts = ["split", "bundle"] if args.bundle else ["split"]
+    for layout in layouts:
+        dispatch.prepare(model, layout)
 
     def use(ffns: dict) -> None:
         for name, m in ffns.items():
@@ -332,41 +368,58 @@ def bench_e2e(args, device: str, dtype: torch.dtype) -> list[dict]:
 
     with torch.no_grad():
         model.generate(ids, **{**gen, "max_new_tokens": 2, "min_new_tokens": 2})
-    results: dict[str, list[float]] = {"dense": [], "sparse-fused": []}
+    runs = {"dense": lambda: (use(dense_ffns), generate_run(None))[1]}
+    runs["sparse-fused"] = lambda: (use(sparse_ffns), generate_run("auto", "split"))[1]
+    if args.bundle:
+        runs["sparse-fused-bundle"] = lambda: (use(sparse_ffns), generate_run("auto", "bundle"))[1]
     if args.reference:
-        results["sparse-reference"] = []
-    for _ in range(args.e2e_reps):
-        use(dense_ffns)
-        results["dense"].append(tokens_per_s(None))
-        use(sparse_ffns)
-        results["sparse-fused"].append(tokens_per_s("auto"))
-        if args.reference:
-            results["sparse-reference"].append(tokens_per_s("reference"))
-    dense_tps = statistics.median(results["dense"])
+        runs["sparse-reference"] = lambda: (use(sparse_ffns), generate_run("reference"))[1]
+    totals: dict[str, list[float]] = {k: [] for k in runs}
+    steps: dict[str, list[float]] = {k: [] for k in runs}
+    for rep in range(args.e2e_reps):  # ABBA order: a drifting machine load biases no provider
+        for k in runs if rep % 2 == 0 else reversed(runs):
+            tps, st = runs[k]()
+            totals[k].append(tps)
+            steps[k].extend(st)
     rows = []
-    for k, v in results.items():
-        tps = statistics.median(v)
-        shape = f"random Qwen2.5-{'7B' if device == 'cuda' else '0.5B'}-shaped, {cfg.num_hidden_layers} layers"
+    model_name = f"random Qwen2.5-{'7B' if device == 'cuda' else '0.5B'}-shaped, {cfg.num_hidden_layers} layers"
+    dense_step = statistics.median(steps["dense"])
+    for k in runs:
+        # Robust to other processes' bursts: the median decode-step time over all runs' steps.
+        step = statistics.median(steps[k])
         rows.append(
             dict(
-                model=shape,
+                model=model_name,
                 provider=k,
                 batch=args.e2e_batch,
                 prompt=args.prompt,
                 new_tokens=args.new_tokens,
-                tokens_per_s=tps,
-                runs=v,
-                speedup_vs_dense=tps / dense_tps,
+                decode_tokens_per_s=args.e2e_batch / step,
+                speedup_vs_dense=dense_step / step,
+                median_step_ms=step * 1e3,
+                p25_step_ms=statistics.quantiles(steps[k], n=4)[0] * 1e3,
+                p75_step_ms=statistics.quantiles(steps[k], n=4)[2] * 1e3,
+                steps=len(steps[k]),
+                generate_tokens_per_s=totals[k],
+                generate_speedup_vs_dense=statistics.median(totals[k]) / statistics.median(totals["dense"]),
             )
         )
-        print(f"e2e {k:17s} {tps:8.2f} tok/s  x{tps / dense_tps:5.2f}  runs {[round(t, 2) for t in v]}", flush=True)
+        print(
+            f"e2e {k:20s} {args.e2e_batch / step:7.2f} tok/s (median step {step * 1e3:7.1f} ms)  "
+            f"x{dense_step / step:5.2f}   whole-generate tok/s {[round(t, 2) for t in totals[k]]}",
+            flush=True,
+        )
     return rows
+
+
+def _fmt_load(load) -> str:
+    return "n/a" if not load else ", ".join(f"{v:.1f}" for v in load)
 
 
 def write(args, device: str, record: dict) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"decode_{device}"
+    stem = out / f"decode_{device}{'_' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
     if record["ffn"]:
         with stem.with_suffix(".csv").open("w", newline="") as f:
@@ -380,32 +433,44 @@ def write(args, device: str, record: dict) -> None:
         f"torch {record['torch']}, dtype {record['dtype']}, threads {record['threads']}, "
         f"copy bandwidth {record['copy_bandwidth_GBs']:.1f} GB/s (read+write), {record['date']}.",
         "Times are medians of interleaved runs (providers alternate in one loop); the machine may be shared,",
-        "so absolute times are noisy and the ratios are the result. x = speedup over the best dense provider.",
+        "so absolute times are noisy and the ratios are the result. x = speedup over the best dense provider",
+        "(medians); x (mins) = the same ratio of the fastest runs, the least disturbed by other processes.",
+        f"Load average (1, 5, 15 min) at start {_fmt_load(record['load_average'])}, "
+        f"at end {_fmt_load(record.get('load_average_end'))}.",
         "",
     ]
     if record["ffn"]:
         lines += [
-            "| shape | batch | provider | median us | p25-p75 us | x dense | bytes MB | GB/s | floor us |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| shape | batch | provider | median us | p25-p75 us | x dense | min us | x dense (mins) "
+            "| bytes MB | GB/s | floor us |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     for r in record["ffn"]:
         lines.append(
-            f"| {r['shape']} | {r['batch']} | {r['provider']} | {r['median_us']:.1f} "
-            f"| {r['p25_us']:.0f}-{r['p75_us']:.0f} | {r['speedup_vs_best_dense']:.2f} | {r['bytes'] / 1e6:.1f} "
-            f"| {r['achieved_GBs']:.1f} | {r['floor_us']:.1f} |"
+            f"| {r['shape']} | {r['batch']} | {r['provider']} | {r['median_us']:.0f} "
+            f"| {r['p25_us']:.0f}-{r['p75_us']:.0f} | **{r['speedup_vs_best_dense']:.2f}** | {r['min_us']:.0f} "
+            f"| {r['speedup_of_mins']:.2f} | {r['bytes'] / 1e6:.1f} | {r['achieved_GBs']:.1f} | {r['floor_us']:.0f} |"
         )
     if record["e2e"]:
         lines += [
             "",
-            "## End-to-end `generate` (greedy)",
+            "## End-to-end `generate` (greedy, same HF engine; dense = the original HF MLPs, same weights)",
             "",
-            "| model | batch | prompt | new tokens | provider | tokens/s | x dense | runs |",
-            "|---|---|---|---|---|---|---|---|",
+            "Decode tokens/s = batch / median decode-step time over all runs (steps timed inside `generate`",
+            "by a logits processor); runs alternate dense and converted (ABBA). Whole-call tokens/s per run",
+            "(including the prefill) are listed for reference.",
+            "",
+            "| model | batch | prompt | new tokens | provider | decode tok/s | x dense | median step ms "
+            "| p25-p75 ms | whole-generate tok/s per run | x dense (whole, medians) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in record["e2e"]:
             lines.append(
-                f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['provider']} | "
-                f"{r['tokens_per_s']:.2f} | {r['speedup_vs_dense']:.2f} | {', '.join(f'{t:.2f}' for t in r['runs'])} |"
+                f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['provider']} "
+                f"| {r['decode_tokens_per_s']:.2f} | **{r['speedup_vs_dense']:.2f}** | {r['median_step_ms']:.1f} "
+                f"| {r['p25_step_ms']:.0f}-{r['p75_step_ms']:.0f} "
+                f"| {', '.join(f'{t:.2f}' for t in r['generate_tokens_per_s'])} "
+                f"| {r['generate_speedup_vs_dense']:.2f} |"
             )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json/.csv/.md")
@@ -419,21 +484,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", default="1,2,4,8,16")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per (shape, batch) cell")
-    p.add_argument("--min-iters", type=int, default=15)
+    p.add_argument("--min-iters", type=int, default=8)
     p.add_argument("--max-iters", type=int, default=400)
     p.add_argument("--max-copies", type=int, default=16, help="weight copies cycled to defeat caches")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd dense (slow to build on CPU)")
     p.add_argument("--reference", action="store_true", help="also time the dense-masked reference path")
+    p.add_argument("--bundle", action="store_true", help="also time the fused path on the `bundle` layout")
     p.add_argument("--no-torch-path", action="store_true", help="skip the torch-ops (embedding_bag) gather path")
+    p.add_argument("--torch-path-max-batch", type=int, default=4, help="time the torch-ops path up to this batch")
     p.add_argument("--no-ffn", action="store_true")
     p.add_argument("--no-e2e", action="store_true")
     p.add_argument("--e2e-layers", type=int, default=None, help="layers of the e2e model (default: the real count)")
     p.add_argument("--e2e-batch", type=int, default=1)
-    p.add_argument("--e2e-reps", type=int, default=3)
+    p.add_argument("--e2e-reps", type=int, default=4)
     p.add_argument("--prompt", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--json", action="store_true", help="also print the JSON record to stdout")
+    p.add_argument("--tag", default="", help="suffix of the result files: decode_<device>_<tag>.*")
     args = p.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -443,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.budget = args.budget if args.budget is not None else (4.0 if device == "cpu" else 1.0)
+    args.budget = args.budget if args.budget is not None else (3.0 if device == "cpu" else 1.0)
     bw = copy_bandwidth(device)
     print(f"device: {device_name(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; kernels mode {dispatch.kernel_mode()}")
     record = dict(

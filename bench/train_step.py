@@ -1,17 +1,19 @@
 """Training-step throughput and peak memory, bank-sparse vs dense: same model, same process, several lengths.
 
-    python bench/train_step.py                       # CPU default, ~3-4 min on 2 cores
+    python bench/train_step.py                       # CPU default: ~4-5 min on 2 shared cores
     python bench/train_step.py --seq-lens 4096 8192 --layers 4 --grad-ckpt   # e.g. on a GPU
 
 One step = forward + backward + AdamW of the `upcycle.train` objective (chunked LM loss, no teacher),
 batch 1. The dense model is the sparse model's own parent (same weights, `upcycle.to_dense` of a copy).
-Time: the two methods alternate step by step (order flipped every round) and the median is reported,
-so load from other processes hits both alike. Memory, per method: peak during the step minus what was
-resident before it (activations, gradients, temporaries: `step_mb`), plus that method's persistent
-state (weights + AdamW moments: `peak_mb`, what a GPU's max_memory_allocated would show for that
-model alone). On CPU the peak is the process's VmHWM (reset through /proc/self/clear_refs) with glibc
-told to give freed blocks back (MALLOC_MMAP_THRESHOLD_), so RSS follows live tensors; on CUDA it is
-torch.cuda.max_memory_allocated. Results: bench/results/train_step_{cpu,cuda}.{json,csv}.
+Time: the two methods alternate step by step (order flipped every round) and the median is reported.
+On CPU it is the process's CPU time at --threads 1, which time-slicing with other processes on shared
+cores does not inflate (wall times are in the JSON too); on CUDA, synchronized wall time.
+Memory, per method: peak during the step minus what was resident before it (activations, gradients,
+temporaries: `step_mb`), plus that method's persistent state (weights + AdamW moments: `peak_mb`,
+what a GPU's max_memory_allocated would show for that model alone), measured before the timed steps.
+On CPU (Linux, glibc) the peak is the process's VmHWM (reset through /proc/self/clear_refs) after
+glibc is told to return freed blocks at once (mallopt M_MMAP_THRESHOLD), so RSS follows live tensors;
+on CUDA it is torch.cuda.max_memory_allocated. Results: bench/results/train_step_{cpu,cuda}.{json,csv}.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import copy
 import csv
 import gc
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -37,6 +38,21 @@ def _status_kb(key: str) -> int:
 
 
 class CpuMemory:
+    """Peak RSS of a step. glibc first mmaps every block >= 64 KiB (set before any tensor exists, so no
+    freed heap block is reused unseen): freed tensors leave RSS at once and RSS follows live tensors.
+    `done()` then restores a training process's usual allocator (32 MiB threshold, glibc's dynamic maximum)
+    for the timed steps, where page faults on every allocation would distort the times."""
+
+    def __init__(self):
+        import ctypes
+
+        self.libc = ctypes.CDLL("libc.so.6")
+        self.libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+
+    def done(self) -> None:
+        self.libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        self.libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+
     def start(self) -> None:
         gc.collect()
         self.base = _status_kb("VmRSS")
@@ -47,6 +63,9 @@ class CpuMemory:
 
 
 class CudaMemory:
+    def done(self) -> None:
+        pass
+
     def start(self) -> None:
         import torch
 
@@ -102,17 +121,18 @@ def measure(args) -> list[dict]:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     seq = args.seq_lens[0]
-    models = build(args, device)
     mem = CudaMemory() if device.type == "cuda" else CpuMemory()
+    models = build(args, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (1, seq), generator=gen).to(device)
+    wall = {name: [] for name in models}
 
     def step(name):
         obj, opt = models[name]
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast:
             loss = obj(ids)["loss"]
         loss.backward()
@@ -120,7 +140,9 @@ def measure(args) -> list[dict]:
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        wall[name].append(time.perf_counter() - t0)  # (memory steps included; "wall_s" keeps the timed ones)
+        # CPU: the process's CPU time, which other processes' load on shared cores does not inflate
+        return wall[name][-1] if device.type == "cuda" else time.process_time() - c0
 
     for name in models:  # warm-up; creates the AdamW moments
         step(name)
@@ -129,6 +151,7 @@ def measure(args) -> list[dict]:
         mem.start()
         step(name)
         peaks[name] = mem.peak_bytes()
+    mem.done()
     times = {name: [] for name in models}
     for r in range(args.reps):
         for name in (("sparse", "dense") if r % 2 == 0 else ("dense", "sparse")):
@@ -139,7 +162,8 @@ def measure(args) -> list[dict]:
         state = state_bytes(*models[name])
         rows.append({"seq_len": seq, "method": name, "step_s": t, "tokens_per_s": seq / t,
                      "peak_mb": (state + peaks[name]) / 2**20, "step_mb": peaks[name] / 2**20,
-                     "state_mb": state / 2**20, "times_s": times[name], "device": device.type,
+                     "state_mb": state / 2**20, "times_s": times[name], "wall_s": wall[name][-args.reps:],
+                     "device": device.type,
                      "threads": torch.get_num_threads() if device.type == "cpu" else None})
     return rows
 
@@ -147,17 +171,17 @@ def measure(args) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096])
-    # default layer shape: Qwen2.5-0.5B's (d 896, d_ff 4864 = 76 banks of 64, 14 heads / 2 KV heads), 2 layers,
+    # default layer shape: Qwen2.5-0.5B's (d 896, d_ff 4864 = 76 banks of 64, 14 heads / 2 KV heads), one layer,
     # a small vocabulary so the LM head does not hide the FFN in the step time
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument("--ffn", type=int, default=4864)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=1)
     p.add_argument("--heads", type=int, default=14)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--bank-size", type=int, default=64)
     p.add_argument("--keep", type=int, default=16)
-    p.add_argument("--reps", type=int, default=4, help="timed steps per method")
+    p.add_argument("--reps", type=int, default=3, help="timed steps per method (median reported)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier on shared cores)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on both models")
     p.add_argument("--loss-chunk", type=int, default=2048)
@@ -170,10 +194,9 @@ def main(argv=None) -> int:
         return 0
 
     rows = []
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the OS: RSS = live memory
     for seq in args.seq_lens:
         cmd = [sys.executable, __file__, "--_one", *_passthrough(argv), "--seq-lens", str(seq)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("ROWS ")), None)
         if proc.returncode or line is None:
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)

@@ -44,10 +44,11 @@ def _loglikelihood(model, tok, context: str, continuation: str) -> float:
 
 
 def test_upcycle_model_in_lm_eval(tmp_path, monkeypatch, sparse_dir, dense_dir):
-    import upcycle
-    import upcycle.eval.lm_eval_adapter  # noqa: F401  (registers "upcycle")
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
+
+    import upcycle
+    import upcycle.eval.lm_eval_adapter  # noqa: F401  (registers "upcycle")
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -68,3 +68,14 @@ def test_run_reports_per_length_scores_and_layers(tokenizer):
         assert r["tokens"] == r["prompt_tokens"] + 3  # the last generated token is never fed back
         assert 0.0 <= r["score"] <= 1.0 and r["n"] == 1 and r["ffn_density"] == 1.0
         assert len(r["layers"]) == 2
+
+
+def test_needle_depth(tokenizer):
+    for seed in range(4):
+        (s,) = tasks.generate("niah", tokenizer, 1024, seed=seed)
+        context = s.prompt.split("\n")[1]
+        where = context.index(f"is: {s.answers[0]}.") / len(context)
+        assert where == pytest.approx(s.meta["depth"], abs=0.05)
+    (vt,) = tasks.generate("vt", tokenizer, 1024, seed=0)
+    positions = [vt.prompt.index(f"VAR {name} = ") for name in vt.answers]
+    assert positions == sorted(positions)  # every assignment comes after the one it reads

@@ -67,6 +67,19 @@ def test_fused_matches_reference(T, d, d_ff, r, bank, keep, alpha, dtype):
 
 
 @needs_fused
+def test_fused_reads_bundled_rows():
+    """Strided rows: gate, up and down^T as views of one [d_ff, 3d] bundle (the `bundle` layout)."""
+    d, d_ff, r, T = 48, 256, 8, 2
+    w = _weights(d, d_ff, r, torch.float32)
+    bundle = torch.cat([w["w_gate"], w["w_up"], w["w_down"].t()], 1)
+    g, u, dt = bundle[:, :d], bundle[:, d : 2 * d], bundle[:, 2 * d :]
+    x = torch.randn(T, d)
+    y = cpu.fused_sparse_decode(x, g, u, dt, w["w_in"], w["w_out"], w["b_out"], 64, 16, 0.3)
+    ref, _ = _reference(x, w, 64, 16, 0.3)
+    assert _rel(y, ref) < RTOL[torch.float32]
+
+
+@needs_fused
 def test_fused_rejects_bad_inputs():
     w = _weights(32, 128, 8, torch.float32)
     args = (w["w_gate"], w["w_up"], w["w_down"].t().contiguous(), w["w_in"], w["w_out"], w["b_out"], 64, 16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -130,7 +132,21 @@ def test_cache_invalidated_when_weights_change():
     fast4, ref4 = _both(m, x)
     assert _close(fast4, ref4) and not _close(fast4, fast3)
     dispatch.release(m)
-    assert dispatch.prepare(m) == m.down_proj.weight.nbytes
+    assert dispatch.prepare(m) == m.down_proj.weight.nbytes  # split layout: W_down^T only
+
+
+def test_bundle_layout_matches_and_tracks_gate_up_changes():
+    m = _module(mode="sigmoid")
+    x = torch.randn(3, 1, 64)
+    with dispatch.use_kernels("auto", layout="bundle"):
+        fast, ref = _both(m, x)
+        assert fast is not None and _close(fast, ref)
+        with torch.no_grad():
+            m.gate_proj.weight.mul_(-1.0)  # the bundle copies gate rows too: must be rebuilt
+            m.up_proj.weight.add_(0.1)
+        fast2, ref2 = _both(m, x)
+        assert _close(fast2, ref2) and not _close(fast2, fast)
+    assert dispatch.prepare(m, "bundle") == 3 * m.down_proj.weight.nbytes
 
 
 @pytest.mark.skipif(not cpu.fused_available(), reason="no C compiler: fused CPU kernel not built")
@@ -171,3 +187,16 @@ def test_generate_matches_reference_generate(arch, mode):
             runs.append(model.generate(ids, **kw))
     assert torch.equal(runs[0], runs[1])
     assert len(calls) >= 2 * 11  # every decode step of both layers took the fast path
+
+
+@pytest.mark.skipif(not os.environ.get("UPCYCLE_SLOW_TESTS"), reason="compiles (~10-60 s); set UPCYCLE_SLOW_TESTS=1")
+@pytest.mark.skipif(not cpu.fused_available(), reason="no C compiler: fused CPU kernel not built")
+def test_torch_compile_fullgraph_uses_fused_op():
+    m = _module(mode="sigmoid")
+    dispatch.prepare(m)  # builds the cache and the library outside the compiled graph
+    x = torch.randn(2, 1, 64)
+    with torch.no_grad():
+        y = torch.compile(m, fullgraph=True)(x)
+        with dispatch.use_kernels("reference"):
+            ref = m(x)
+    assert _close(y, ref)

@@ -106,6 +106,9 @@ def test_triton_default_tiles(kernels):
     w = [torch.randn(s, device=DEVICE) / s[-1] ** 0.5 for s in [(d_ff, d), (d_ff, d), (d, d_ff), (r, d), (d_ff, r)]]
     b = torch.randn(d_ff, device=DEVICE) * 0.1
     x = torch.randn(1, d, device=DEVICE)
-    y = kernels.sparse_decode(x, w[0], w[1], w[2].t().contiguous(), w[3], w[4], b, 64, 16)
     ref = sparse_swiglu_reference(x, w[0], w[1], w[2], w[3], w[4], b, 64, 16)
+    y = kernels.sparse_decode(x, w[0], w[1], w[2].t().contiguous(), w[3], w[4], b, 64, 16)
     assert ((y - ref).norm() / ref.norm()).item() < 1e-5  # TF32 is not involved: no tl.dot
+    bundle = torch.cat([w[0], w[1], w[2].t()], 1)  # the `bundle` layout: strided row views
+    y2 = kernels.sparse_decode(x, bundle[:, :d], bundle[:, d : 2 * d], bundle[:, 2 * d :], w[3], w[4], b, 64, 16)
+    assert ((y2 - ref).norm() / ref.norm()).item() < 1e-5

@@ -52,3 +52,18 @@ def test_bad_values_and_missing_required(tmp_path):
         TrainConfig(model="m", data=["x"], out="o", bank_size=64).validate()
     with pytest.raises(ValueError, match="keep_schedule"):
         TrainConfig(model="m", data=["x"], out="o", keep_schedule="exp").validate()
+
+
+def test_cli_help_lists_every_field_and_print_config_merges(tmp_path, capsys):
+    from upcycle.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{n.replace('_', '-')}" in text for n in TrainConfig.__dataclass_fields__)
+    y = tmp_path / "c.yaml"
+    y.write_text("seq_len: 128\nsteps: 7\n")
+    assert main(["train", "--config", str(y), "--steps", "9", "--print-config"]) == 0
+    merged = TrainConfig.from_dict(__import__("yaml").safe_load(capsys.readouterr().out))
+    assert (merged.seq_len, merged.steps) == (128, 9)

@@ -32,7 +32,6 @@ def test_two_gloo_processes_match_one_process(sparse_dir, text_file, tmp_path, t
     mp.start_processes(_worker, args=(2, _free_port(), cfg), nprocs=2, start_method="fork", join=True)
     rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     two = {r["step"]: r["loss"] for r in rows}
-    print("LOSSES", one.losses, two)
     assert list(two) == [1, 2, 3, 4]
     assert max(abs(two[s] - one.losses[s]) for s in two) < 2e-4, (one.losses, two)
     assert abs(rows[-1]["val_loss"] - one.val_loss) < 2e-4

@@ -28,7 +28,8 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(sparse_dir, text_fi
     assert torch.isfinite(model(ids).logits).all()
 
 
-def test_ctrl_c_checkpoints_and_resume_reproduces_the_uninterrupted_run(sparse_dir, text_file, tmp_path, tiny_train_config):
+def test_ctrl_c_checkpoints_and_resume_reproduce_the_uninterrupted_run(sparse_dir, text_file, tmp_path,
+                                                                       tiny_train_config):
     # Everything with state: keep warm-up, LR warm-up + cosine, distillation, decaying aux term,
     # gradient accumulation, data order.
     kw = dict(steps=6, keep_warmup_steps=4, keep_schedule="cosine", lr_warmup_steps=2, distill_weight=0.5,

@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--calib-steps", type=int, default=300, help="posthoc-predictor fit steps (default 300)")
     p.add_argument("--task", metavar="LIST", help=f"comma-separated tasks or 'all': {', '.join(TASKS)}")
-    p.add_argument("--lengths", default="1024,2048,4096", metavar="LIST", help="task lengths in tokens")
+    p.add_argument("--lengths", default="1024,2048,4096", metavar="LIST", help="task lengths (default 1024,2048,4096)")
     p.add_argument("--samples", type=int, default=5, help="samples per task and length (default 5)")
     p.add_argument("--seed", type=int, default=0, help="task generation seed (default 0)")
     p.add_argument("--haystack", nargs="+", metavar="PATH", help="text file(s) for the haystack (default: noise)")

@@ -4,7 +4,9 @@ Importing this module registers the lm-eval model "upcycle": lm-eval's HFLM with
 `upcycle.load` (bank-sparse checkpoints and plain dense HF checkpoints alike). lm-eval 0.4 has no
 plugin discovery for models, so run it through this module, which registers then calls lm-eval's CLI:
 
-    python -m upcycle.eval.lm_eval_adapter --model upcycle --model_args pretrained=DIR --tasks TASK
+    python -m upcycle.eval.lm_eval_adapter --model upcycle --model_args pretrained=DIR --device cpu --tasks TASK
+
+(pass the device with --device, not in --model_args: lm-eval's CLI adds its own `device`).
 
 or from Python: `import upcycle.eval.lm_eval_adapter` then `lm_eval.simple_evaluate(model="upcycle", ...)`.
 Extra model_args: `baseline=NAME` applies a training-free baseline that needs no calibration data
@@ -59,8 +61,8 @@ class UpcycleLM(HFLM):
 
             if resolve(baseline) in NEEDS_CALIBRATION:
                 raise ValueError(
-                    f"baseline {baseline!r} needs calibration data: apply it in Python (upcycle.eval.baselines.apply) "
-                    "and pass the model instance to lm_eval.simple_evaluate."
+                    f"baseline {baseline!r} needs calibration data: apply it in Python (upcycle.eval.baselines.apply), "
+                    "then evaluate HFLM(pretrained=model, tokenizer=tok) with lm_eval.simple_evaluate."
                 )
             apply(self._model, baseline, BankSparseConfig(bank_size=int(bank_size), keep=int(keep)))
 

@@ -104,10 +104,10 @@ def _filler(rng: random.Random, haystack: Sequence[str] | None) -> Callable[[int
 
 
 def _insert(units: list[str], items: list[str], depths: list[float]) -> str:
-    """Insert items at the given relative depths (sorted, keeping the items' order) and join with spaces."""
+    """Insert each item at its relative depth in [0, 1] among the filler units; join with spaces."""
+    placed = sorted(zip((round(d * len(units)) for d in depths), range(len(items)), items, strict=True))
     out = list(units)
-    positions = sorted(round(d * len(units)) for d in depths)
-    for k, (pos, item) in enumerate(zip(positions, items, strict=True)):
+    for k, (pos, _, item) in enumerate(placed):
         out.insert(pos + k, item)
     return " ".join(out)
 
@@ -173,7 +173,7 @@ def _vt(rng, tokenizer, budget, haystack, hops=4):
             names.append(name)
     value = str(rng.randint(10000, 99999))
     chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
-    depths = [rng.random() for _ in chain]
+    depths = sorted(rng.random() for _ in chain)  # the chain keeps its order
     fill = _filler(rng, haystack)
 
     def build(n):

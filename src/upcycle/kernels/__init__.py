@@ -1,1 +1,2 @@
-"""Kernels: `reference` (pure PyTorch, the truth), fast paths, and one `dispatch`."""
+"""Kernels: `reference` (pure PyTorch, the truth), fast decode paths (`cpu`: fused C kernel and a
+torch-ops gather path; `triton`: GPU kernels, optional), and one `dispatch` the sparse FFN calls."""

@@ -2,9 +2,10 @@
 
 Two paths, chosen by measurement (bench/decode.py):
 
-* `fused`: one small C kernel (OpenMP, GCC vector extensions), built on first use with the system C
-  compiler into a per-user cache and loaded with ctypes, so it needs no PyTorch headers (the build
-  takes about a second, not the ~minute a torch C++ extension takes). Per bank it computes the
+* `fused`: one small C kernel (GCC/clang vector extensions, its own pthread helpers), built on first
+  use with the system C compiler into a per-user cache (~/.cache/upcycle/kernels, or $UPCYCLE_CACHE)
+  and loaded with ctypes, so it needs no PyTorch headers (the build takes about a second, not the
+  ~minute a torch C++ extension takes). Per bank it computes the
   predictor logits, picks the bank's top `keep`, then streams each kept channel's gate row, up row
   and down column (a row of the transposed down copy) once for every token that kept it: the
   weight bytes read are those of the union of the tokens' kept channels, the FLOPs those of
@@ -37,12 +38,16 @@ log = logging.getLogger(__name__)
 # Tokens per call the fused kernel accepts (it keeps one bit per token and channel in a uint64).
 FUSED_MAX_TOKENS = 64
 
-_C_SOURCE = r"""
+_C_PRELUDE = r"""
+#define _GNU_SOURCE
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <unistd.h>
 
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
@@ -64,133 +69,319 @@ static inline float ld1_f16(const void *p, long i) { return (float)((const _Floa
 #endif
 
 static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
-
-static inline void prefetch_row(const char *p, long bytes) {
-    for (long i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 0);
-}
-
-/* One body per weight type: W(NAME) names the function, LD/LD1 load 8 / 1 weights as float, ES is
-   the element size. Four independent accumulators keep the FMA pipes busy while streaming. */
-#define DEFINE_KERNEL(SUF, LD, LD1, ES)                                                              \
-static inline float dot_##SUF(const char *w, const float *restrict x, int n) {                      \
-    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                                     \
-    int i = 0;                                                                                       \
-    for (; i + 32 <= n; i += 32) {                                                                   \
-        s0 += LD(w + (long)i * ES) * *(const v8 *)(x + i);                                           \
-        s1 += LD(w + (long)(i + 8) * ES) * *(const v8 *)(x + i + 8);                                 \
-        s2 += LD(w + (long)(i + 16) * ES) * *(const v8 *)(x + i + 16);                               \
-        s3 += LD(w + (long)(i + 24) * ES) * *(const v8 *)(x + i + 24);                               \
-    }                                                                                                \
-    for (; i + 8 <= n; i += 8) s0 += LD(w + (long)i * ES) * *(const v8 *)(x + i);                   \
-    float s = hsum((s0 + s1) + (s2 + s3));                                                           \
-    for (; i < n; i++) s += LD1(w, i) * x[i];                                                        \
-    return s;                                                                                        \
-}                                                                                                    \
-static inline void axpy_##SUF(float *restrict y, float h, const char *w, int n) {                   \
-    v8 hv = {h, h, h, h, h, h, h, h};                                                                \
-    int i = 0;                                                                                       \
-    for (; i + 16 <= n; i += 16) {                                                                   \
-        *(v8 *)(y + i) += hv * LD(w + (long)i * ES);                                                 \
-        *(v8 *)(y + i + 8) += hv * LD(w + (long)(i + 8) * ES);                                       \
-    }                                                                                                \
-    for (; i < n; i++) y[i] += h * LD1(w, i);                                                        \
-}                                                                                                    \
-int upc_decode_##SUF(const float *x, int T, int d, int dff, int r, const char *win, const char *wout,\
-                     const char *bout, const char *wg, const char *wu, long ldgu, const char *wdt,  \
-                     int bank, int keep, int use_sigmoid, float alpha, float *y, int32_t *idx_out,  \
-                     int nthreads) {                                                                 \
-    if (T < 1 || T > 64 || bank < 1 || dff % bank || keep > bank || keep < 1 || nthreads < 1) return 1; \
-    int nb = dff / bank;                                                                             \
-    long K = (long)nb * keep;                                                                        \
-    size_t scratch = (size_t)bank * (1 + T) + 2 * (size_t)keep + 16;                                 \
-    float *a = malloc(sizeof(float) * (size_t)T * r);                                                \
-    float *part = calloc((size_t)nthreads * T * d, sizeof(float));                                   \
-    float *scr = malloc(sizeof(float) * scratch * nthreads);                                         \
-    uint64_t *mbs = malloc(sizeof(uint64_t) * (size_t)bank * nthreads);                              \
-    if (!a || !part || !scr || !mbs) { free(a); free(part); free(scr); free(mbs); return 2; }        \
-    _Pragma("omp parallel num_threads(nthreads)")                                                    \
-    {                                                                                                \
-        int tid = omp_get_thread_num();                                                              \
-        float *yp = part + (size_t)tid * T * d;                                                      \
-        float *z = scr + scratch * tid, *gate = z + bank, *kv = gate + (size_t)T * bank;             \
-        int *ki = (int *)(kv + keep);                                                                \
-        uint64_t *mb = mbs + (size_t)bank * tid;                                                     \
-        _Pragma("omp for schedule(dynamic, 8)")                                                      \
-        for (int j = 0; j < r; j++)                                                                  \
-            for (int t = 0; t < T; t++)                                                              \
-                a[(size_t)t * r + j] = dot_##SUF(win + (long)j * d * ES, x + (size_t)t * d, d);      \
-        /* A thread owns whole banks: routing and gathers of a bank need no further barrier. Dynamic   \
-           chunks: on a shared machine a descheduled thread's banks are taken over, not waited for. */ \
-        _Pragma("omp for schedule(dynamic, 2) nowait")                                               \
-        for (int b = 0; b < nb; b++) {                                                               \
-            int c0 = b * bank;                                                                       \
-            memset(mb, 0, sizeof(uint64_t) * bank);                                                  \
-            for (int t = 0; t < T; t++) {                                                            \
-                for (int i = 0; i < bank; i++)                                                       \
-                    z[i] = dot_##SUF(wout + (long)(c0 + i) * r * ES, a + (size_t)t * r, r)           \
-                           + (bout ? LD1(bout, c0 + i) : 0.f);                                       \
-                /* top-keep: a running set of the best seen, replacing its minimum (ties: lower index) */ \
-                for (int i = 0; i < keep; i++) { kv[i] = z[i]; ki[i] = i; }                          \
-                int mp = 0;                                                                          \
-                for (int i = 1; i < keep; i++) if (kv[i] < kv[mp]) mp = i;                           \
-                for (int i = keep; i < bank; i++) {                                                  \
-                    if (z[i] > kv[mp]) {                                                             \
-                        kv[mp] = z[i]; ki[mp] = i; mp = 0;                                           \
-                        for (int q = 1; q < keep; q++) if (kv[q] < kv[mp]) mp = q;                   \
-                    }                                                                                \
-                }                                                                                    \
-                float *gt = gate + (size_t)t * bank;                                                 \
-                for (int q = 0; q < keep; q++) {                                                     \
-                    int i = ki[q];                                                                   \
-                    mb[i] |= 1ull << t;                                                              \
-                    gt[i] = use_sigmoid ? 2.f / (1.f + expf(-alpha * z[i])) : 1.f;                   \
-                }                                                                                    \
-                if (idx_out) {                                                                       \
-                    int32_t *o = idx_out + (size_t)t * K + (size_t)b * keep;                         \
-                    for (int i = 0, n = 0; i < bank; i++) if (mb[i] >> t & 1ull) o[n++] = c0 + i;    \
-                }                                                                                    \
-            }                                                                                        \
-            for (int i = 0; i < bank; i++) {                                                         \
-                uint64_t m = mb[i];                                                                  \
-                if (!m) continue;                                                                    \
-                long c = c0 + i;                                                                     \
-                const char *g_row = wg + c * ldgu * ES, *u_row = wu + c * ldgu * ES, *d_row = wdt + c * d * ES; \
-                for (int n = i + 1; n < bank; n++) if (mb[n]) {                                      \
-                    long cn = c0 + n;                                                                \
-                    prefetch_row(wg + cn * ldgu * ES, (long)d * ES);                                 \
-                    prefetch_row(wu + cn * ldgu * ES, (long)d * ES);                                 \
-                    prefetch_row(wdt + cn * d * ES, (long)d * ES);                                   \
-                    break;                                                                           \
-                }                                                                                    \
-                for (int t = 0; t < T; t++) {                                                        \
-                    if (!(m >> t & 1ull)) continue;                                                  \
-                    const float *xt = x + (size_t)t * d;                                             \
-                    float g = dot_##SUF(g_row, xt, d), u = dot_##SUF(u_row, xt, d);                  \
-                    float h = g / (1.f + expf(-g)) * u * gate[(size_t)t * bank + i];                 \
-                    axpy_##SUF(yp + (size_t)t * d, h, d_row, d);                                     \
-                }                                                                                    \
-            }                                                                                        \
-        }                                                                                            \
-    }                                                                                                \
-    for (long i = 0; i < (long)T * d; i++) {                                                         \
-        float s = 0;                                                                                 \
-        for (int p = 0; p < nthreads; p++) s += part[(size_t)p * T * d + i];                         \
-        y[i] = s;                                                                                    \
-    }                                                                                                \
-    free(a); free(part); free(scr); free(mbs);                                                       \
-    return 0;                                                                                        \
-}
-
-DEFINE_KERNEL(f32, ld_f32, ld1_f32, 4)
-DEFINE_KERNEL(bf16, ld_bf16, ld1_bf16, 2)
-#if defined(__FLT16_MAX__)
-DEFINE_KERNEL(f16, ld_f16, ld1_f16, 2)
+static inline v8 splat(float h) { v8 v = {h, h, h, h, h, h, h, h}; return v; }
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
 #endif
+}
 
-int upc_abi_version(void) { return 1; }
+typedef struct {
+    const float *x, *a;
+    int T, d, dff, r, bank, keep, use_sigmoid, nb;
+    long ldg, ldu, ldd, K;
+    float alpha;
+    const char *win, *wout, *bout, *wg, *wu, *wdt;
+    int32_t *idx_out;
+} args_t;
+typedef void (*bank_fn)(const args_t *A, int b, float *yp, float *scr);
+
+/* Opportunistic helpers instead of an OpenMP team. The caller never waits for a helper to wake
+   up: banks are claimed from an atomic counter, so on a busy machine the caller simply does more
+   of them, and at the end it only waits for banks a helper has already claimed (one bank is tens
+   of microseconds). An OpenMP region instead waits at its barriers for every thread to be
+   scheduled, which cost up to ~10 ms per call on a shared 2-core machine. */
+#define MAX_SLOTS 64
+#ifndef UPC_SPIN
+#define UPC_SPIN 200
+#endif
+static struct {
+    pthread_mutex_t call_lock, mu;
+    pthread_cond_t cv;
+    pid_t pid;
+    int n_helpers;
+    atomic_long seq;
+    atomic_int next, active, closed, ready, sleepers;
+    int n_items;
+    atomic_int max_slot;
+    bank_fn fn;
+    const args_t *args;
+    float *part[MAX_SLOTS], *scr[MAX_SLOTS];
+    size_t part_cap[MAX_SLOTS], scr_cap[MAX_SLOTS], part_len;
+    int used[MAX_SLOTS];
+} P = {.call_lock = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static int run_items(int slot) {
+    int got = 0, item;
+    while ((item = atomic_fetch_add(&P.next, 1)) < P.n_items) {
+        if (!got) { memset(P.part[slot], 0, P.part_len * sizeof(float)); got = 1; }
+        P.fn(P.args, item, P.part[slot], P.scr[slot]);
+    }
+    return got;
+}
+
+static void *helper_main(void *arg) {
+    int slot = (int)(intptr_t)arg;
+    long seen = atomic_load(&P.seq);
+    for (;;) {
+        long s = atomic_load(&P.seq);
+        for (int i = 0; s == seen && i < UPC_SPIN; i++) { cpu_relax(); s = atomic_load(&P.seq); }
+        if (s == seen) {
+            pthread_mutex_lock(&P.mu);
+            atomic_fetch_add(&P.sleepers, 1);
+            while ((s = atomic_load(&P.seq)) == seen) pthread_cond_wait(&P.cv, &P.mu);
+            atomic_fetch_sub(&P.sleepers, 1);
+            pthread_mutex_unlock(&P.mu);
+        }
+        seen = s;
+        atomic_fetch_add(&P.active, 1);  /* from here the caller waits for us: keep it short */
+        if (!atomic_load(&P.closed) && slot < atomic_load(&P.max_slot)) {
+            while (!atomic_load(&P.ready) && !atomic_load(&P.closed)) cpu_relax();
+            if (!atomic_load(&P.closed) && run_items(slot)) P.used[slot] = 1;
+        }
+        atomic_fetch_sub(&P.active, 1);
+    }
+    return NULL;
+}
+
+static int grow(float **buf, size_t *cap, size_t n) {
+    if (*cap >= n) return 0;
+    float *p = realloc(*buf, n * sizeof(float));
+    if (!p) return 1;
+    *buf = p; *cap = n;
+    return 0;
+}
+
+static void wait_idle(void) {
+    for (int i = 0; atomic_load(&P.active) > 0; i++) { if (i < 4096) cpu_relax(); else sched_yield(); }
+}
+
+/* Runs fn over the nb banks on the caller plus up to nthreads-1 helpers; prologue(A) (the
+   predictor's in-projection) runs on the caller while helpers wake up. y = sum of partials. */
+static int run_job(bank_fn fn, void (*prologue)(args_t *), args_t *A, size_t scratch, float *y, int nthreads) {
+    pthread_mutex_lock(&P.call_lock);
+    if (P.pid != getpid()) {  /* first call, or a forked child: its helpers did not survive the fork */
+        pthread_mutex_init(&P.mu, NULL); pthread_cond_init(&P.cv, NULL);
+        P.pid = getpid(); P.n_helpers = 0;
+        atomic_store(&P.active, 0); atomic_store(&P.sleepers, 0); atomic_store(&P.closed, 1);
+    }
+    if (nthreads > MAX_SLOTS) nthreads = MAX_SLOTS;
+    while (P.n_helpers < nthreads - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&th, &attr, helper_main, (void *)(intptr_t)(P.n_helpers + 1));
+        pthread_attr_destroy(&attr);
+        if (rc) break;
+        P.n_helpers++;
+    }
+    if (nthreads > P.n_helpers + 1) nthreads = P.n_helpers + 1;
+    wait_idle();  /* a late helper of the previous call may still be leaving */
+    size_t part_len = (size_t)A->T * A->d;
+    for (int s = 0; s < nthreads; s++) {
+        if (grow(&P.part[s], &P.part_cap[s], part_len) || grow(&P.scr[s], &P.scr_cap[s], scratch)) {
+            pthread_mutex_unlock(&P.call_lock);
+            return 2;
+        }
+        P.used[s] = 0;
+    }
+    P.part_len = part_len; P.n_items = A->nb; P.fn = fn; P.args = A;
+    atomic_store(&P.max_slot, nthreads);
+    atomic_store(&P.next, 0); atomic_store(&P.ready, 0); atomic_store(&P.closed, 0);
+    if (nthreads > 1) {
+        atomic_fetch_add(&P.seq, 1);
+        if (atomic_load(&P.sleepers) > 0) {
+            pthread_mutex_lock(&P.mu); pthread_cond_broadcast(&P.cv); pthread_mutex_unlock(&P.mu);
+        }
+    }
+    prologue(A);
+    atomic_store(&P.ready, 1);
+    P.used[0] = run_items(0);
+    atomic_store(&P.closed, 1);
+    wait_idle();
+    for (size_t i = 0; i < part_len; i++) {
+        float s = 0.f;
+        for (int t = 0; t < nthreads; t++) if (P.used[t]) s += P.part[t][i];
+        y[i] = s;
+    }
+    pthread_mutex_unlock(&P.call_lock);
+    return 0;
+}
 """
 
-_CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11"]
+# One copy per weight type: SUF names it, LD / LD1 load 8 / 1 weights as float32, ESZ is the element size.
+_C_BODY = r"""
+static inline float dot_SUF(const char *w, const float *restrict x, int n) {
+    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};  /* independent chains keep the FMA pipes busy */
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 += LD(w + (long)i * ESZ) * *(const v8 *)(x + i);
+        s1 += LD(w + (long)(i + 8) * ESZ) * *(const v8 *)(x + i + 8);
+        s2 += LD(w + (long)(i + 16) * ESZ) * *(const v8 *)(x + i + 16);
+        s3 += LD(w + (long)(i + 24) * ESZ) * *(const v8 *)(x + i + 24);
+    }
+    for (; i + 8 <= n; i += 8) s0 += LD(w + (long)i * ESZ) * *(const v8 *)(x + i);
+    float s = hsum((s0 + s1) + (s2 + s3));
+    for (; i < n; i++) s += LD1(w, i) * x[i];
+    return s;
+}
+
+static inline void axpy_SUF(float *restrict y, float h, const char *w, int n) {
+    v8 hv = splat(h);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        *(v8 *)(y + i) += hv * LD(w + (long)i * ESZ);
+        *(v8 *)(y + i + 8) += hv * LD(w + (long)(i + 8) * ESZ);
+    }
+    for (; i < n; i++) y[i] += h * LD1(w, i);
+}
+
+/* Four channels at once (one token): 8 gate/up rows stream side by side, sharing each x load,
+   then one pass over y adds all four down rows (4x fewer y loads/stores than four axpys). */
+static inline void quad_SUF(float *restrict y, const float *restrict x, int n, const char *const g[4],
+                            const char *const u[4], const char *const dn[4], const float gate[4]) {
+    v8 ag[4] = {{0}}, au[4] = {{0}};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8 xv = *(const v8 *)(x + i);
+        for (int j = 0; j < 4; j++) {
+            ag[j] += LD(g[j] + (long)i * ESZ) * xv;
+            au[j] += LD(u[j] + (long)i * ESZ) * xv;
+        }
+    }
+    float h[4];
+    for (int j = 0; j < 4; j++) {
+        float gs = hsum(ag[j]), us = hsum(au[j]);
+        for (int k = i; k < n; k++) { gs += LD1(g[j], k) * x[k]; us += LD1(u[j], k) * x[k]; }
+        h[j] = silu(gs) * us * gate[j];
+    }
+    v8 h0 = splat(h[0]), h1 = splat(h[1]), h2 = splat(h[2]), h3 = splat(h[3]);
+    for (i = 0; i + 8 <= n; i += 8) {
+        long o = (long)i * ESZ;
+        *(v8 *)(y + i) += (h0 * LD(dn[0] + o) + h1 * LD(dn[1] + o)) + (h2 * LD(dn[2] + o) + h3 * LD(dn[3] + o));
+    }
+    for (; i < n; i++)
+        y[i] += h[0] * LD1(dn[0], i) + h[1] * LD1(dn[1], i) + h[2] * LD1(dn[2], i) + h[3] * LD1(dn[3], i);
+}
+
+static void prologue_SUF(args_t *A) {
+    float *a = (float *)A->a;
+    for (int t = 0; t < A->T; t++)
+        for (int j = 0; j < A->r; j++)
+            a[(size_t)t * A->r + j] = dot_SUF(A->win + (long)j * A->d * ESZ, A->x + (size_t)t * A->d, A->d);
+}
+
+/* One bank: its logits for every token, the top-keep per token, then the kept rows' work. */
+static void bank_SUF(const args_t *A, int b, float *yp, float *scr) {
+    const int T = A->T, d = A->d, r = A->r, bank = A->bank, keep = A->keep;
+    float *z = scr, *gate = z + bank, *kv = gate + (size_t)T * bank;
+    int *ki = (int *)(kv + keep), *list = ki + keep;
+    size_t off = (size_t)bank * (2 + T) + 2 * (size_t)keep + bank;
+    uint64_t *mb = (uint64_t *)(scr + off + (off & 1));  /* 8-byte aligned */
+    int c0 = b * bank;
+    memset(mb, 0, sizeof(uint64_t) * bank);
+    for (int t = 0; t < T; t++) {
+        for (int i = 0; i < bank; i++)
+            z[i] = dot_SUF(A->wout + (long)(c0 + i) * r * ESZ, A->a + (size_t)t * r, r)
+                   + (A->bout ? LD1(A->bout, c0 + i) : 0.f);
+        /* top-keep: a running set of the best seen, replacing its minimum (ties: lower index) */
+        for (int i = 0; i < keep; i++) { kv[i] = z[i]; ki[i] = i; }
+        int mp = 0;
+        for (int i = 1; i < keep; i++) if (kv[i] < kv[mp]) mp = i;
+        for (int i = keep; i < bank; i++) {
+            if (z[i] > kv[mp]) {
+                kv[mp] = z[i]; ki[mp] = i; mp = 0;
+                for (int q = 1; q < keep; q++) if (kv[q] < kv[mp]) mp = q;
+            }
+        }
+        float *gt = gate + (size_t)t * bank;
+        for (int q = 0; q < keep; q++) {
+            int i = ki[q];
+            mb[i] |= 1ull << t;
+            gt[i] = A->use_sigmoid ? 2.f / (1.f + expf(-A->alpha * z[i])) : 1.f;
+        }
+        if (A->idx_out) {
+            int32_t *o = A->idx_out + (size_t)t * A->K + (size_t)b * keep;
+            for (int i = 0, n = 0; i < bank; i++) if (mb[i] >> t & 1ull) o[n++] = c0 + i;
+        }
+    }
+    int nk = 0;
+    for (int i = 0; i < bank; i++) if (mb[i]) list[nk++] = i;
+    int q = 0;
+    if (T == 1) {
+        for (; q + 4 <= nk; q += 4) {
+            const char *g4[4], *u4[4], *d4[4];
+            float gv[4];
+            for (int j = 0; j < 4; j++) {
+                long c = c0 + list[q + j];
+                g4[j] = A->wg + c * A->ldg * ESZ; u4[j] = A->wu + c * A->ldu * ESZ; d4[j] = A->wdt + c * A->ldd * ESZ;
+                gv[j] = gate[list[q + j]];
+            }
+            quad_SUF(yp, A->x, d, g4, u4, d4, gv);
+        }
+    }
+    /* Several tokens: each kept row is read once, for every token that kept it. */
+    for (; q < nk; q++) {
+        int i = list[q];
+        uint64_t m = mb[i];
+        long c = c0 + i;
+        const char *g_row = A->wg + c * A->ldg * ESZ, *u_row = A->wu + c * A->ldu * ESZ;
+        const char *d_row = A->wdt + c * A->ldd * ESZ;
+        for (int t = 0; t < T; t++) {
+            if (!(m >> t & 1ull)) continue;
+            const float *xt = A->x + (size_t)t * d;
+            float h = silu(dot_SUF(g_row, xt, d)) * dot_SUF(u_row, xt, d) * gate[(size_t)t * bank + i];
+            axpy_SUF(yp + (size_t)t * d, h, d_row, d);
+        }
+    }
+}
+
+/* x [T,d] f32; predictor win [r,d], wout [d_ff,r], bout [d_ff] or NULL; wg/wu/wdt: d_ff rows of d
+   weights with row strides ldg/ldu/ldd (wdt = W_down^T). y [T,d] f32; idx_out [T, n_banks*keep]
+   int32 or NULL. Returns 0, or nonzero on bad arguments / out of memory. */
+int upc_decode_SUF(const float *x, int T, int d, int dff, int r, const char *win, const char *wout,
+                   const char *bout, const char *wg, long ldg, const char *wu, long ldu,
+                   const char *wdt, long ldd, int bank, int keep, int use_sigmoid, float alpha,
+                   float *y, int32_t *idx_out, int nthreads) {
+    if (T < 1 || T > 64 || bank < 1 || dff % bank || keep > bank || keep < 1 || nthreads < 1) return 1;
+    float *a = malloc(sizeof(float) * (size_t)T * r);
+    if (!a) return 2;
+    args_t A = {x, a, T, d, dff, r, bank, keep, use_sigmoid, dff / bank, ldg, ldu, ldd,
+                (long)(dff / bank) * keep, alpha, win, wout, bout, wg, wu, wdt, idx_out};
+    /* per-slot scratch, in floats: z, gate [T*bank], kv, ki, list, mask bits (uint64 per channel) */
+    size_t scratch = (size_t)bank * (T + 5) + 2 * (size_t)keep + 2;
+    int rc = run_job(bank_SUF, prologue_SUF, &A, scratch, y, nthreads);
+    free(a);
+    return rc;
+}
+"""
+
+
+def _c_source() -> str:
+    def body(suf: str, es: int) -> str:
+        return (
+            _C_BODY.replace("dot_SUF", f"dot_{suf}")
+            .replace("axpy_SUF", f"axpy_{suf}")
+            .replace("quad_SUF", f"quad_{suf}")
+            .replace("prologue_SUF", f"prologue_{suf}")
+            .replace("bank_SUF", f"bank_{suf}")
+            .replace("upc_decode_SUF", f"upc_decode_{suf}")
+            .replace("LD1(", f"ld1_{suf}(")
+            .replace("LD(", f"ld_{suf}(")
+            .replace("ESZ", str(es))
+        )
+
+    f16 = "#if defined(__FLT16_MAX__)\n" + body("f16", 2) + "#endif\n"  # needs a compiler with _Float16
+    return _C_PRELUDE + body("f32", 4) + body("bf16", 2) + f16 + "int upc_abi_version(void) { return 4; }\n"
+
+
+_C_SOURCE = _c_source()
+
+_CFLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-std=gnu11"]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -229,32 +420,34 @@ def _compiler() -> str | None:
     return None
 
 
+def _compile(cc: str, flags: list[str], so: Path) -> None:
+    so.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+        src = Path(tmp) / "kernel.c"
+        src.write_text(_C_SOURCE)
+        tmp_so = Path(tmp) / "kernel.so"
+        proc = subprocess.run([cc, *flags, str(src), "-o", str(tmp_so)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp_so, so)  # atomic: concurrent builders never see a partial file
+
+
 def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (gcc, cc or clang) on PATH")
     flags = _CFLAGS + _arch_flags()
-    key = hashlib.sha256("\0".join([_C_SOURCE, cc, *flags, _cpu_id(), platform.machine()]).encode()).hexdigest()[:16]
-    out_dir = _cache_dir()
-    so = out_dir / f"bank_sparse_decode_{key}.so"
+    key = hashlib.sha256("\0".join([_C_SOURCE, cc, *flags, _cpu_id(), platform.machine()]).encode()).hexdigest()
+    so = _cache_dir() / f"bank_sparse_decode_{key[:16]}.so"
     if not so.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            src = Path(tmp) / "kernel.c"
-            src.write_text(_C_SOURCE)
-            tmp_so = Path(tmp) / "kernel.so"
-            proc = subprocess.run([cc, *flags, str(src), "-o", str(tmp_so)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-            os.replace(tmp_so, so)  # atomic: concurrent builders never see a partial file
-    # Import torch's OpenMP runtime first (done: torch is imported), so the kernel shares its pool.
+        _compile(cc, flags, so)
     lib = ctypes.CDLL(str(so))
-    P, I = ctypes.c_void_p, ctypes.c_int
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     for suf in _SUFFIX.values():
         fn = getattr(lib, f"upc_decode_{suf}", None)
         if fn is None:  # float16 needs a compiler with _Float16
             continue
-        fn.argtypes = [P, I, I, I, I, P, P, P, P, P, ctypes.c_long, P, I, I, I, ctypes.c_float, P, P, I]
+        fn.argtypes = [P, I, I, I, I, P, P, P, P, L, P, L, P, L, I, I, I, ctypes.c_float, P, P, I]
         fn.restype = I
     return lib
 
@@ -299,6 +492,11 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _rows_ok(w: Tensor, shape: tuple[int, int]) -> bool:
+    """Row-major rows (unit stride inside a row), any row stride: originals or views of a bundle."""
+    return tuple(w.shape) == shape and w.stride(1) == 1 and w.stride(0) >= shape[1]
+
+
 def fused_sparse_decode(
     x: Tensor,
     w_gate: Tensor,
@@ -314,11 +512,13 @@ def fused_sparse_decode(
     idx_out: Tensor | None = None,
     num_threads: int | None = None,
 ) -> Tensor:
-    """Fused CPU decode: x [T, d] -> y [T, d] (x's dtype). Weights contiguous, one dtype, on the CPU.
+    """Fused CPU decode: x [T, d] -> y [T, d] (x's dtype). CPU weights of one dtype.
 
-    w_down_t is the transposed down projection [d_ff, d]. `gate_scale` None is the `ste` gate (1 on
-    kept channels), a float alpha the `sigmoid` gate 2 * sigmoid(alpha * logit). `out` (float32,
-    [T, d]) and `idx_out` (int32, [T, n_banks * keep], ascending per bank) are optional outputs.
+    w_gate, w_up [d_ff, d] and w_down_t (the transposed down projection) [d_ff, d] need unit stride
+    within a row but may have any row stride (e.g. views of one [d_ff, 3d] bundle); the predictor
+    weights must be contiguous. `gate_scale` None is the `ste` gate (1 on kept channels), a float
+    alpha the `sigmoid` gate 2 * sigmoid(alpha * logit). `out` (float32, [T, d]) and `idx_out`
+    (int32, [T, n_banks * keep], ascending per bank) are optional outputs.
     """
     lib = fused_library()
     if lib is None:
@@ -327,10 +527,13 @@ def fused_sparse_decode(
     d_ff, r = w_out.shape
     dtype = w_gate.dtype
     ws = (w_gate, w_up, w_down_t, w_in, w_out) + (() if b_out is None else (b_out,))
-    if any(w.dtype != dtype or not w.is_contiguous() or w.device.type != "cpu" for w in ws):
-        raise ValueError("fused_sparse_decode: weights must be contiguous CPU tensors of one dtype")
-    if w_gate.shape != (d_ff, d) or w_up.shape != (d_ff, d) or w_down_t.shape != (d_ff, d) or w_in.shape != (r, d):
-        raise ValueError("fused_sparse_decode: weight shapes do not match x and the predictor")
+    if any(w.dtype != dtype or w.device.type != "cpu" for w in ws) or dtype not in _supported:
+        raise ValueError(f"fused_sparse_decode: weights must be CPU tensors of one supported dtype ({dtype})")
+    rows_ok = all(_rows_ok(w, (d_ff, d)) for w in (w_gate, w_up, w_down_t))
+    if not rows_ok or tuple(w_in.shape) != (r, d) or not (w_in.is_contiguous() and w_out.is_contiguous()):
+        raise ValueError("fused_sparse_decode: weight shapes or layouts do not match x and the predictor")
+    if b_out is not None and not b_out.is_contiguous():
+        raise ValueError("fused_sparse_decode: b_out must be contiguous")
     if not 1 <= T <= FUSED_MAX_TOKENS:
         raise ValueError(f"fused_sparse_decode takes 1..{FUSED_MAX_TOKENS} tokens, got {T}")
     xf = x.detach().to(torch.float32).contiguous()
@@ -341,26 +544,11 @@ def fused_sparse_decode(
         raise ValueError("idx_out must be int32 [T, n_banks * keep]")
     fn = getattr(lib, f"upc_decode_{_SUFFIX[dtype]}")
     rc = fn(
-        xf.data_ptr(),
-        T,
-        d,
-        d_ff,
-        r,
-        w_in.data_ptr(),
-        w_out.data_ptr(),
-        _ptr(b_out),
-        w_gate.data_ptr(),
-        w_up.data_ptr(),
-        d,
-        w_down_t.data_ptr(),
-        bank_size,
-        keep,
-        int(gate_scale is not None),
-        0.0 if gate_scale is None else float(gate_scale),
-        y.data_ptr(),
-        _ptr(idx_out),
-        num_threads or _threads(T * d * d_ff),
-    )
+        xf.data_ptr(), T, d, d_ff, r, w_in.data_ptr(), w_out.data_ptr(), _ptr(b_out),
+        w_gate.data_ptr(), w_gate.stride(0), w_up.data_ptr(), w_up.stride(0), w_down_t.data_ptr(), w_down_t.stride(0),
+        bank_size, keep, int(gate_scale is not None), 0.0 if gate_scale is None else float(gate_scale),
+        y.data_ptr(), _ptr(idx_out), num_threads or _threads(T * d * d_ff),
+    )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"upc_decode_{_SUFFIX[dtype]} returned {rc} (bad arguments or out of memory)")
     return y if x.dtype == torch.float32 else y.to(x.dtype)

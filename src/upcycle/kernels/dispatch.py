@@ -1,30 +1,35 @@
 """One entry point from the module to the fast decode kernels.
 
-`decode_forward(module, x)` returns None whenever no fast path applies (autograd on, a custom
-`mask_fn`, keep == bank_size, biases on the FFN linears, more tokens than the measured crossover,
-an unsupported device or dtype, FFN linears that are not plain hook-free nn.Linear, or the fast
-path switched off); the module then runs the reference
-(dense-masked) path. Training and prefill therefore never reach a kernel.
+`decode_forward(module, x)` returns None whenever no fast path applies: autograd on, a custom
+`mask_fn`, keep == bank_size, biases on the FFN linears, FFN linears that are not plain hook-free
+nn.Linear, more tokens than the measured crossover, an unsupported device or dtype, or the fast
+path switched off. The module then runs the reference (dense-masked) path, so training and
+prefill never reach a kernel.
 
 Which kernel:
-  * CPU: the fused C kernel (`upcycle.kernels.cpu`, float32/bfloat16/float16), else torch ops.
+  * CPU: the fused C kernel (`upcycle.kernels.cpu`; float32, bfloat16, float16), else torch ops.
   * CUDA: the Triton kernels (`upcycle.kernels.triton`) when triton is installed, else torch ops.
 
-Switch with the environment variable UPCYCLE_KERNELS (read on every call) or `use_kernels(...)`:
-  auto (default) | reference (never a fast path) | torch (torch-ops gather path) | fused (C or Triton).
-UPCYCLE_DECODE_MAX_TOKENS overrides the token crossover (tokens = prod of x's leading dims).
+Switches (environment variables are read on every call; `use_kernels` overrides them):
+  UPCYCLE_KERNELS          auto (default) | reference (no fast path) | torch (torch-ops gather) |
+                           fused (C or Triton only; None where unavailable)
+  UPCYCLE_DECODE_MAX_TOKENS  the token crossover (tokens = prod of x's leading dims)
+  UPCYCLE_DECODE_LAYOUT    split | bundle: the weight layout the fast path reads (below)
 
-The transposed down projection [d_ff, d] both fast paths read is built on first use and cached on
-the module as a plain attribute (never in `state_dict`). It costs one extra copy of `down_proj`,
-i.e. +1/3 of the FFN weight memory; gate and up rows are read in place from the original weights.
-The cache is keyed on the down weight's storage, version counter, dtype and device, so in-place
-training updates, `load_state_dict`, `.to()` all rebuild it; `release(model)` frees it.
+Layouts, built on first use and cached on the module as a plain attribute (never in state_dict):
+  split   W_down^T [d_ff, d] only (+1/3 of the FFN weight memory); gate and up rows are read in
+          place from the original weights. The default.
+  bundle  one [d_ff, 3d] tensor whose row c is channel c's gate row, up row and down column, so a
+          kept channel is one contiguous read (+1x the FFN weight memory: a full copy).
+The torch-ops path always uses `split`. A cache is keyed on the storage, version counter, dtype and
+device of the weights it copies, so in-place training updates, `load_state_dict` and `.to()` all
+rebuild it on the next decode; `release(model)` frees it, `prepare(model)` builds it ahead (needed
+before torch.compile or CUDA-graph capture).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,18 +37,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
-
 MODES = ("auto", "reference", "torch", "fused")
+LAYOUTS = ("split", "bundle")
 
-# Largest token count (batch at decode) that takes the sparse path, per device type. Measured with
-# bench/decode.py (see bench/results/decode_cpu.md): on 2 CPU cores the fused kernel beat dense
-# MKL at every batch up to 16 for all three shapes, so the CPU limit is the kernel's own limit.
-# CUDA is unmeasured: 4 is the bytes estimate (per-token gathers read 25% of the rows each).
-MAX_TOKENS = {"cpu": 16, "cuda": 4}
+# Largest token count (batch at decode) that takes the sparse path, per device type.
+# CPU, measured with bench/decode.py on 2 cores (bench/results/decode_cpu*.md): the fused kernel beat
+# the best dense provider at every count tried, up to its own limit of 64 (2.3-2.9x at 64); 32 keeps
+# a margin for BLAS builds that are faster at small M than this machine's. CUDA is unmeasured: 4 is
+# the bytes estimate (per-token gathers read 25% of the rows each).
+MAX_TOKENS = {"cpu": 32, "cuda": 4}
+DEFAULT_LAYOUT = {"cpu": "split", "cuda": "split"}
 
 _CACHE_ATTR = "_upcycle_decode_cache"
 _mode_override: str | None = None
+_layout_override: str | None = None
 
 
 def kernel_mode() -> str:
@@ -54,24 +61,32 @@ def kernel_mode() -> str:
     return mode if mode in MODES else "auto"
 
 
-def set_kernel_mode(mode: str | None) -> None:
-    """Force a mode for this process (None: back to the environment variable)."""
-    global _mode_override
+def decode_layout(device_type: str) -> str:
+    if _layout_override is not None:
+        return _layout_override
+    layout = os.environ.get("UPCYCLE_DECODE_LAYOUT", "").strip().lower()
+    return layout if layout in LAYOUTS else DEFAULT_LAYOUT.get(device_type, "split")
+
+
+def set_kernel_mode(mode: str | None, layout: str | None = None) -> None:
+    """Force a mode (and optionally a layout) for this process; None: back to the environment."""
+    global _mode_override, _layout_override
     if mode is not None and mode not in MODES:
         raise ValueError(f"kernel mode {mode!r} is not one of {MODES}")
-    _mode_override = mode
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+    _mode_override, _layout_override = mode, layout
 
 
 @contextlib.contextmanager
-def use_kernels(mode: str) -> Iterator[None]:
+def use_kernels(mode: str, layout: str | None = None) -> Iterator[None]:
     """`with use_kernels('reference'):` runs the block on the given path (A/B tests, benchmarks)."""
-    global _mode_override
-    previous = _mode_override
-    set_kernel_mode(mode)
+    previous = (_mode_override, _layout_override)
+    set_kernel_mode(mode, layout)
     try:
         yield
     finally:
-        _mode_override = previous
+        set_kernel_mode(*previous)
 
 
 def max_tokens(device_type: str) -> int:
@@ -84,7 +99,10 @@ def max_tokens(device_type: str) -> int:
 @dataclass
 class _DecodeCache:
     key: tuple
-    w_down_t: Tensor  # [d_ff, d], contiguous: row c is channel c's down column
+    w_gate: Tensor | None  # None: read module.gate_proj.weight (split layout)
+    w_up: Tensor | None
+    w_down_t: Tensor  # [d_ff, d], unit stride within rows: row c is channel c's down column
+    nbytes: int  # memory this cache holds beyond the module's own weights
 
 
 def _key(w: Tensor) -> tuple:
@@ -95,27 +113,39 @@ def _key(w: Tensor) -> tuple:
     return (w.data_ptr(), version, w.dtype, w.device, tuple(w.shape))
 
 
-def _cache(module: nn.Module) -> _DecodeCache:
-    w = module.down_proj.weight
-    key = _key(w)
-    cache = module.__dict__.get(_CACHE_ATTR)
-    if cache is None or cache.key != key:
-        module.__dict__.pop(_CACHE_ATTR, None)  # free the stale copy before building the new one
-        with torch.no_grad():
-            cache = _DecodeCache(key, w.detach().t().contiguous())
-        module.__dict__[_CACHE_ATTR] = cache
+def _cache(module: nn.Module, layout: str) -> _DecodeCache:
+    g, u, dn = module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight
+    key = (_key(dn),) if layout == "split" else (_key(g), _key(u), _key(dn))
+    caches = module.__dict__.setdefault(_CACHE_ATTR, {})
+    cache = caches.get(layout)
+    if cache is not None and cache.key == key:
+        return cache
+    caches.pop(layout, None)  # free the stale copy before building the new one
+    with torch.no_grad():
+        if layout == "split":
+            w_down_t = dn.detach().t().contiguous()
+            cache = _DecodeCache(key, None, None, w_down_t, w_down_t.nbytes)
+        else:
+            d_ff, d = g.shape
+            bundle = torch.empty(d_ff, 3 * d, dtype=g.dtype, device=g.device)
+            bundle[:, :d].copy_(g)
+            bundle[:, d : 2 * d].copy_(u)
+            bundle[:, 2 * d :].copy_(dn.t())
+            cache = _DecodeCache(key, bundle[:, :d], bundle[:, d : 2 * d], bundle[:, 2 * d :], bundle.nbytes)
+    caches[layout] = cache
     return cache
 
 
-def prepare(model: nn.Module) -> int:
-    """Build every sparse FFN's decode cache now (e.g. before CUDA-graph capture or torch.compile).
+def prepare(model: nn.Module, layout: str | None = None) -> int:
+    """Build every sparse FFN's decode cache now (before CUDA-graph capture or torch.compile).
 
     Returns the bytes the caches hold.
     """
     total = 0
     for m in _sparse_modules(model):
-        total += _cache(m).w_down_t.nbytes
-        if m.down_proj.weight.device.type == "cpu":
+        device = m.down_proj.weight.device.type
+        total += _cache(m, layout or decode_layout(device)).nbytes
+        if device == "cpu":
             from upcycle.kernels import cpu
 
             cpu.fused_library()  # build now: a compiled graph cannot run the compiler
@@ -184,20 +214,21 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
 
 
 def _run(impl: str, module, x2: Tensor, shape: torch.Size) -> Tensor | None:
+    layout = "split" if impl == "torch" else decode_layout(x2.device.type)
     compiling = torch.compiler.is_compiling()
     if compiling:
         # Under torch.compile the cache key (data_ptr, version) cannot be traced: call `prepare(model)`
         # before compiling; without a cache the compiled graph keeps the reference path.
-        cache = module.__dict__.get(_CACHE_ATTR)
+        cache = module.__dict__.get(_CACHE_ATTR, {}).get(layout)
         if cache is None:
             return None
     else:
-        cache = _cache(module)
+        cache = _cache(module, layout)
     pred = module.predictor
     b_out = pred.out_proj.bias
     args = (
-        module.gate_proj.weight,
-        module.up_proj.weight,
+        module.gate_proj.weight if cache.w_gate is None else cache.w_gate,
+        module.up_proj.weight if cache.w_up is None else cache.w_up,
         cache.w_down_t,
         pred.in_proj.weight,
         pred.out_proj.weight,

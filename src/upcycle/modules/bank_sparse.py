@@ -77,12 +77,15 @@ class _MaskedSwiGLU(torch.autograd.Function):
         return dg, du, dz, None, dalpha, None
 
 
-# Rows per chunk of the fused training path: about this many [rows, d_ff] elements at a time.
-TRAIN_CHUNK_ELEMENTS = 1 << 24
+# Rows per block of the fused training path: about this many [rows, d_ff] elements at a time. A block's
+# temporaries (a handful of them) must stay small next to the saved activations; on GPU larger blocks keep
+# the kernel-launch count down. None: chosen by device.
+TRAIN_CHUNK_ELEMENTS: int | None = None
 
 
-def _row_chunks(n_rows: int, d_ff: int):
-    step = max(1, TRAIN_CHUNK_ELEMENTS // d_ff)
+def _row_chunks(n_rows: int, d_ff: int, device: torch.device):
+    elements = TRAIN_CHUNK_ELEMENTS or (1 << 24 if device.type == "cuda" else 1 << 20)
+    step = max(1, elements // d_ff)
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
 
@@ -110,7 +113,7 @@ class _FusedMaskedSwiGLU(torch.autograd.Function):
         target = torch.zeros_like(mask) if aux_keep else None
         aux = torch.zeros((), dtype=torch.float32, device=g.device)
         ctx.z_dtype = a.dtype
-        for rows in _row_chunks(len(g2), d_ff):
+        for rows in _row_chunks(len(g2), d_ff, g.device):
             z = F.linear(a2[rows], w, b)
             ctx.z_dtype = z.dtype  # autocast's choice; the backward recomputes z in it
             if keep < bank_size:  # top `keep` of every bank, written straight into the saved mask
@@ -143,7 +146,7 @@ class _FusedMaskedSwiGLU(torch.autograd.Function):
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         db = torch.zeros(d_ff, dtype=torch.float32, device=w.device) if need_b and b is not None else None
         dalpha = torch.zeros((), dtype=torch.float32, device=g.device) if need_alpha and alpha is not None else None
-        for rows in _row_chunks(len(g2), d_ff):
+        for rows in _row_chunks(len(g2), d_ff, g.device):
             gc, uc, m, do = g2[rows], u2[rows], mask[rows], dout2[rows]
             s = F.silu(gc)
             p = do * uc  # d out / d silu(g), before mask and gate

@@ -39,7 +39,8 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     root = Path(out) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists()]
     return [p for _, p in sorted(found)]
 
 

@@ -26,7 +26,7 @@ def _f(default: Any, help: str, **kw) -> Any:
 @dataclass
 class TrainConfig:
     # --- input / output ---
-    model: str | None = _f(None, "upcycle checkpoint dir (from `upcycle convert`), or a dense HF dir with --bank-size/--keep")
+    model: str | None = _f(None, "checkpoint dir from `upcycle convert`, or a dense HF dir (+ --bank-size/--keep)")
     data: list[str] = _f([], "text files, directories, .jsonl (field `text`) or .parquet files")
     out: str | None = _f(None, "output dir: metrics.jsonl, checkpoints/, model/ (the final model), loss_curve.png")
     tokenizer: str | None = _f(None, "tokenizer dir (default: the --model dir)")
@@ -153,7 +153,7 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}.")
         if (self.bank_size is None) != (self.keep is None):
-            raise ValueError("--bank-size and --keep go together (convert a dense --model on the fly), or leave both out.")
+            raise ValueError("--bank-size and --keep go together (they convert a dense --model on the fly).")
         for name, f in _fields(type(self)).items():
             choices = _choices(f)
             if choices and getattr(self, name) not in choices:
@@ -235,7 +235,9 @@ def add_config_arguments(parser) -> None:
 
     for name, f in _fields(TrainConfig).items():
         tp = _base_type(_hints(TrainConfig)[name])
-        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        text = f.metadata.get("help", "") + ("" if default in (None, []) or tp is bool else f" [{default}]")
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif tp is list:

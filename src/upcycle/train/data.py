@@ -176,8 +176,15 @@ def build_data(cfg, tokenizer, is_main: bool = True, barrier=lambda: None) -> Pa
         docs = load_documents(cfg.data, cfg.text_split, cfg.text_field, cache_dir=cache)
         return tokenize_and_pack(docs, tokenizer, cfg.seq_len, cfg.num_proc)
 
-    rows = make() if is_main else None
+    rows = error = None
+    if is_main:
+        try:
+            rows = make()
+        except Exception as e:  # the other ranks wait at the barrier; they raise the same error after it
+            error = e
     barrier()
+    if error is not None:
+        raise error
     if not is_main:
         rows = make()
     if progress:

@@ -100,8 +100,8 @@ def shard(objective: nn.Module, env: DistEnv, bf16: bool) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     for layer in decoder_layers(objective.model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(objective, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
+    fully_shard(objective, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
     return objective

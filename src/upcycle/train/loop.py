@@ -121,6 +121,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     """
     cfg.validate()
     env = init_distributed(cfg.device)
+    if not env.is_main:  # one copy of the log, from rank 0; warnings still come from every rank
+        logging.getLogger("upcycle").setLevel(logging.WARNING)
     try:
         return _Trainer(cfg, env).run(on_step)
     finally:
@@ -149,10 +151,11 @@ class _Trainer:
         cfg, env = self.cfg, self.env
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        # every rank checks (OUT is shared): an error raised on rank 0 alone would leave the others waiting
+        self.resume_from = self._check_out()
+        env.barrier()
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.resume_from = self._check_out() if env.is_main else None
-        self.resume_from = env.broadcast(None if self.resume_from is None else str(self.resume_from))
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
@@ -187,10 +190,14 @@ class _Trainer:
         self.optimizer = build_optimizer(self.objective, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
-        self.state = {"step": 0, "consumed": 0, "tokens": 0}
+        self.state = {"step": 0, "consumed": 0, "tokens": 0, "seq_len": cfg.seq_len, "seed": cfg.seed}
         if self.resume_from:
-            self.state = ckpt.load_checkpoint(self.resume_from, self.objective, self.optimizer, self.scheduler, env)
-            self.state.pop("world_size", None)
+            saved = ckpt.load_checkpoint(self.resume_from, self.objective, self.optimizer, self.scheduler, env)
+            for key in ("seq_len", "seed"):  # the data position means nothing under another packing or order
+                if saved.get(key, self.state[key]) != self.state[key]:
+                    raise ValueError(f"--resume: the checkpoint was trained with {key}={saved[key]}, this run has "
+                                     f"{self.state[key]}; resume with the same --{key.replace('_', '-')}.")
+            self.state.update({k: saved[k] for k in ("step", "consumed", "tokens")})
             log.info("resumed from %s (step %d)", self.resume_from, self.state["step"])
         self.metrics = MetricsLog(self.out, env.is_main, cfg.tensorboard, resume_step=self.state["step"])
         if env.is_main:

@@ -43,7 +43,8 @@ def configure(model: nn.Module, cfg) -> nn.Module:
         try:
             decoder.rotary_emb = type(old)(config=c).to(device)
         except Exception as e:
-            raise ValueError(f"RoPE settings {getattr(c, 'rope_parameters', None)} rejected by transformers: {e}") from e
+            settings = getattr(c, "rope_parameters", None)
+            raise ValueError(f"RoPE settings {settings} rejected by transformers: {e}") from e
     limit = getattr(c, "max_position_embeddings", None)
     if limit and cfg.seq_len > limit:
         log.warning("seq_len %d exceeds max_position_embeddings %d: set --rope-scaling / --max-position-embeddings "

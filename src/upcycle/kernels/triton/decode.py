@@ -50,6 +50,8 @@ def _route_gateup_kernel(
     bout_ptr,
     wg_ptr,
     wu_ptr,
+    LDG,
+    LDU,
     alpha_ptr,
     h_ptr,
     idx_ptr,
@@ -106,9 +108,8 @@ def _route_gateup_kernel(
         cmask = cols < D
         xv = tl.load(x_ptr + t * D + cols, mask=cmask, other=0.0).to(tl.float32)
         m2 = kmask[:, None] & cmask[None, :]
-        off = rows[:, None] * D + cols[None, :]
-        wg = tl.load(wg_ptr + off, mask=m2, other=0.0).to(tl.float32)
-        wu = tl.load(wu_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        wg = tl.load(wg_ptr + rows[:, None] * LDG + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        wu = tl.load(wu_ptr + rows[:, None] * LDU + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         acc_g += tl.sum(wg * xv[None, :], axis=1)
         acc_u += tl.sum(wu * xv[None, :], axis=1)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
@@ -122,7 +123,9 @@ def _route_gateup_kernel(
 
 
 @triton.jit
-def _down_kernel(h_ptr, idx_ptr, wdt_ptr, part_ptr, T, D, K, K_PER_SPLIT, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _down_kernel(
+    h_ptr, idx_ptr, wdt_ptr, LDD, part_ptr, T, D, K, K_PER_SPLIT, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
+):
     t = tl.program_id(0)
     nb = tl.program_id(1)
     s = tl.program_id(2)
@@ -135,7 +138,7 @@ def _down_kernel(h_ptr, idx_ptr, wdt_ptr, part_ptr, T, D, K, K_PER_SPLIT, BLOCK_
         kmask = kk < K
         hv = tl.load(h_ptr + t * K + kk, mask=kmask, other=0.0)
         rows = tl.load(idx_ptr + t * K + kk, mask=kmask, other=0).to(tl.int64)
-        w = tl.load(wdt_ptr + rows[:, None] * D + n[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        w = tl.load(wdt_ptr + rows[:, None] * LDD + n[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * hv[:, None], axis=0)
     tl.store(part_ptr + (s * T + t) * D + n, acc, mask=nmask)
 
@@ -176,7 +179,10 @@ def sparse_decode(
     block_k: int = 32,
     split_k: int | None = None,
 ) -> Tensor:
-    """x [T, d] -> y [T, d] (x's dtype). All tensors contiguous, on one device; w_down_t is [d_ff, d].
+    """x [T, d] -> y [T, d] (x's dtype), all tensors on one device; w_down_t is W_down^T [d_ff, d].
+
+    w_gate, w_up, w_down_t need unit stride within a row, any row stride (e.g. views of one
+    [d_ff, 3d] bundle, so one channel's three rows are adjacent); the predictor is contiguous.
 
     `gate_scale` None is the `ste` gate, a one-element tensor alpha the `sigmoid` gate (read on the
     device, so no host sync). `out` [T, d] and `idx_out` (int32 [T, n_banks * keep]) are optional.
@@ -209,6 +215,8 @@ def sparse_decode(
         b_out if b_out is not None else w_out,
         w_gate,
         w_up,
+        w_gate.stride(0),
+        w_up.stride(0),
         gate_scale if sigmoid else w_out,
         h,
         idx,
@@ -235,7 +243,7 @@ def sparse_decode(
     split_k = _cdiv(K, k_per_split)
     part = torch.empty(split_k, T, D, dtype=f32, device=dev)
     _down_kernel[(T, n_blocks, split_k)](
-        h, idx, w_down_t, part, T, D, K, k_per_split, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4
+        h, idx, w_down_t, w_down_t.stride(0), part, T, D, K, k_per_split, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4
     )
 
     # 4. deterministic split-K reduction + cast.
