@@ -40,7 +40,7 @@ class DemoConfig:
     intermediate_size: int = 512
     num_layers: int = 4
     seq_len: int = 128
-    pretrain_steps: int = 600
+    pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     batch_size: int = 16
     bank_size: int = 64
@@ -48,21 +48,21 @@ class DemoConfig:
     calib_tokens: int = 16384
     calib_steps: int = 300
     baselines: list[str] = field(default_factory=lambda: ["posthoc-magnitude", "posthoc-predictor"])
-    train_steps: int = 300
+    train_steps: int = 150
     train_lr: float = 1e-3
     distill_weight: float = 1.0
     keep_warmup_steps: int = 0
     # The matched-token control: without it a sparse model beating an under-trained dense one says nothing.
     control: bool = True
-    eval_windows: int = 48
-    curve_points: int = 5  # validation-loss points along each training run
+    eval_windows: int = 32
+    curve_points: int = 3  # validation-loss points along each training run
     threads: int | None = None
 
     @classmethod
     def quick(cls, out: str = "demo") -> DemoConfig:
         """About 2 minutes on 2 CPU cores."""
-        return cls(out=out, train_bytes=1_000_000, heldout_bytes=200_000, pretrain_steps=200, calib_tokens=8192,
-                   calib_steps=100, train_steps=50, eval_windows=24, curve_points=2)
+        return cls(out=out, train_bytes=1_000_000, heldout_bytes=200_000, pretrain_steps=120, calib_tokens=8192,
+                   calib_steps=100, train_steps=30, eval_windows=16, curve_points=1)
 
 
 def load_corpus(cfg: DemoConfig) -> tuple[list[str], dict[str, list[str]]]:
