@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -104,3 +106,51 @@ def test_torch_path_matches_reference(dtype, alpha):
     ref = sparse_swiglu_reference(x, w["w_gate"], w["w_up"], w["w_down"], w["w_in"], w["w_out"], w["b_out"], 64, 16, a)
     assert y.dtype == dtype
     assert _rel(y, ref) < 3 * RTOL[dtype]
+
+
+@needs_fused
+def test_fused_helper_threads_and_concurrent_callers():
+    """The helper pool (explicit thread counts; tiny shapes otherwise run on one thread), called
+    repeatedly, with changing counts and from two Python threads at once (ctypes drops the GIL)."""
+    import threading
+
+    d, d_ff, r = 64, 1024, 16
+    w = _weights(d, d_ff, r, torch.float32)
+    args = (w["w_gate"], w["w_up"], w["w_down"].t().contiguous(), w["w_in"], w["w_out"], w["b_out"], 64, 16)
+    xs = [torch.randn(T, d) for T in (1, 3, 1, 5)]
+    refs = [_reference(x, w, 64, 16, None)[0] for x in xs]
+    for i in range(24):
+        y = cpu.fused_sparse_decode(xs[i % 4], *args, num_threads=1 + i % 3)
+        assert _rel(y, refs[i % 4]) < RTOL[torch.float32]
+    errors = []
+
+    def worker(k):
+        for i in range(10):
+            y = cpu.fused_sparse_decode(xs[(i + k) % 4], *args, num_threads=2)
+            if _rel(y, refs[(i + k) % 4]) >= RTOL[torch.float32]:
+                errors.append((k, i))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@needs_fused
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fused_after_fork():
+    """A forked child has no helper threads: the kernel must notice and start its own."""
+    d, d_ff, r = 64, 1024, 16
+    w = _weights(d, d_ff, r, torch.float32)
+    args = (w["w_gate"], w["w_up"], w["w_down"].t().contiguous(), w["w_in"], w["w_out"], w["b_out"], 64, 16)
+    x = torch.randn(2, d)
+    ref = _reference(x, w, 64, 16, None)[0]
+    cpu.fused_sparse_decode(x, *args, num_threads=2)  # the parent's helpers exist now
+    pid = os.fork()
+    if pid == 0:  # child: exit code 0 iff correct
+        ok = _rel(cpu.fused_sparse_decode(x, *args, num_threads=2), ref) < RTOL[torch.float32]
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -93,12 +93,11 @@ typedef void (*bank_fn)(const args_t *A, int b, float *yp, float *scr);
 /* Opportunistic helpers instead of an OpenMP team. The caller never waits for a helper to wake
    up: banks are claimed from an atomic counter, so on a busy machine the caller simply does more
    of them, and at the end it only waits for banks a helper has already claimed (one bank is tens
-   of microseconds). An OpenMP region instead waits at its barriers for every thread to be
-   scheduled, which cost up to ~10 ms per call on a shared 2-core machine. */
+   of microseconds). An OpenMP region (tried, in torch's own libgomp team) instead waits at its
+   barriers for every thread to be scheduled: up to ~10 ms per call on a shared 2-core machine, and
+   end-to-end decode came out slower than with these helpers in side-by-side runs. */
 #define MAX_SLOTS 64
-#ifndef UPC_SPIN
-#define UPC_SPIN 200
-#endif
+#define UPC_SPIN 200 /* pauses a helper spins before sleeping: sleepers get the CPU back fastest */
 static struct {
     pthread_mutex_t call_lock, mu;
     pthread_cond_t cv;
@@ -616,7 +615,7 @@ def fused_sparse_decode(
     fn = getattr(lib, f"upc_decode_{_SUFFIX[dtype]}")
     adaptive = num_threads is None and not os.environ.get("UPCYCLE_CPU_THREADS")
     n_max = num_threads or _threads(T * d * d_ff)
-    key = (T, d, d_ff, keep, dtype)
+    key = (T, d, d_ff, keep, dtype, w_down_t.stride(0))
     n = _chooser.pick(key, n_max) if adaptive and n_max > 1 else n_max
     t0 = time.perf_counter()
     rc = fn(
