@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.budget = args.budget if args.budget is not None else (3.0 if device == "cpu" else 1.0)
+    args.budget = args.budget if args.budget is not None else (2.5 if device == "cpu" else 1.0)
     bw = copy_bandwidth(device)
     print(f"device: {device_name(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; kernels mode {dispatch.kernel_mode()}")
     record = dict(
