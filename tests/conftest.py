@@ -23,6 +23,26 @@ def tokenizer(corpus):
     return train_bpe_tokenizer(corpus, vocab_size=512)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine the thread pool's
+    spin-waits made tests 10-25x slower. Restored after the test."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def sparse_dir(tmp_path_factory, dense_dir, tokenizer):
+    """dense_dir converted to 16-of-64 banks (SVD predictor) and saved with its tokenizer."""
+    import upcycle
+
+    model = upcycle.load(dense_dir)
+    upcycle.convert(model, upcycle.BankSparseConfig(bank_size=64, keep=16), progress=False)
+    return upcycle.save(model, tmp_path_factory.mktemp("sparse") / "model", tokenizer=tokenizer)
+
+
 @pytest.fixture(params=["qwen2", "llama"])
 def arch(request) -> str:
     return request.param

@@ -1,28 +1,8 @@
-"""Fixtures for the training tests: a converted tiny checkpoint and one CPU thread per process
-(shared CI cores: several threads per process oversubscribe them and slow every step down)."""
+"""Fixtures for the training tests: a few-second TrainConfig on the tiny model."""
 
 from __future__ import annotations
 
 import pytest
-import torch
-
-import upcycle
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def sparse_dir(tmp_path_factory, dense_dir, tokenizer):
-    """The tiny dense Qwen2 checkpoint converted to bank-sparse (banks of 64, keep 16), with tokenizer."""
-    model = upcycle.load(dense_dir)
-    upcycle.convert(model, upcycle.BankSparseConfig(bank_size=64, keep=16), progress=False)
-    return upcycle.save(model, tmp_path_factory.mktemp("sparse") / "model", tokenizer=tokenizer)
 
 
 @pytest.fixture
@@ -39,3 +19,8 @@ def _tiny_train_config(model, data, out, **kw):
                 val_max_sequences=8)
     base.update(kw)
     return TrainConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here runs on one intra-op thread (see tests/conftest.py: one_thread)."""
