@@ -43,6 +43,7 @@ SHAPES = {  # name: (hidden d, intermediate d_ff)
     "llama-3-8b": (4096, 14336),
 }
 BANK, KEEP = 64, 16
+SHADOW_BYTES: dict = {}  # provider -> fn(d, d_ff): bytes its packed shadow predictor reads per call
 
 
 def rank_for(d: int) -> int:
@@ -159,6 +160,19 @@ def make_providers(args, copies: list[BankSparseSwiGLU]) -> dict:
 
         providers["dense-compiled"] = dense_compiled
     providers["sparse-fused"] = run_mode("fused", "split")
+    for bits in args.shadow_bits:
+        d = copies[0].hidden_size
+        group = next(g for g in (128, 112, 96, 64, 32) if d % g == 0)
+        twins = {id(m): BankSparseSwiGLU(m.gate_proj, m.up_proj, m.down_proj, nn.SiLU(), BANK, KEEP,
+                                         shadow=(bits, group)).eval() for m in copies}
+
+        def shadow_fn(m, x, twins=twins):
+            with dispatch.use_kernels("fused", "split"):
+                return twins[id(m)](x)
+
+        providers[f"sparse-fused-shadow{bits}"] = shadow_fn
+        SHADOW_BYTES[f"sparse-fused-shadow{bits}"] = lambda d, d_ff, bits=bits, group=group: (
+            2 * d * d_ff * (2 if bits <= 2 else 4 if bits <= 4 else 8) / 8 + 4 * 2 * d_ff * d / group)
     if args.bundle:
         providers["sparse-fused-bundle"] = run_mode("fused", "bundle")
     if not args.no_torch_path:
@@ -245,6 +259,8 @@ def bench_ffn(args, device: str, dtype: torch.dtype, bw: float) -> list[dict]:
             for k, v in times.items():
                 sparse = k.startswith("sparse") and k != "sparse-reference"
                 nbytes = ffn_bytes(d, d_ff, r, es, union if sparse else None)
+                if k in SHADOW_BYTES:  # the shadow's codes and scales instead of the rank-r predictor
+                    nbytes += SHADOW_BYTES[k](d, d_ff) - (r * d + d_ff * r + d_ff) * es
                 q = statistics.quantiles(v, n=4) if len(v) >= 4 else [min(v), med[k], max(v)]
                 rows.append(
                     dict(
@@ -354,7 +370,9 @@ def bench_e2e(args, device: str, dtype: torch.dtype) -> list[dict]:
     # Keep the original HF MLPs: runs alternate dense / converted on the same model (and the same
     # FFN weight tensors) by swapping the modules, so load on a shared machine hits both alike.
     dense_ffns = {name: m for name, _, m in find_swiglu_ffns(model)}
-    convert(model, BankSparseConfig(predictor_init="random"), progress=False)
+    kind = {"predictor": "lowrank", "predictor_rank": rank_for(cfg.hidden_size)} if args.predictor == "lowrank" else \
+        {"predictor": "shadow", "predictor_budget": args.predictor_budget}
+    convert(model, BankSparseConfig(predictor_init="random", **kind), progress=False)
     model.eval()
     sparse_ffns = {name: model.get_submodule(name) for name in dense_ffns}
     layouts = ["split", "bundle"] if args.bundle else ["split"]
@@ -492,6 +510,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bundle", action="store_true", help="also time the fused path on the `bundle` layout")
     p.add_argument("--no-torch-path", action="store_true", help="skip the torch-ops (embedding_bag) gather path")
     p.add_argument("--torch-path-max-batch", type=int, default=4, help="time the torch-ops path up to this batch")
+    p.add_argument("--shadow-bits", type=int, nargs="*", default=[],
+                   help="also time the fused path with a shadow predictor of these bits (CPU)")
+    p.add_argument("--predictor", choices=["lowrank", "shadow"], default="lowrank", help="e2e model's predictor")
+    p.add_argument("--predictor-budget", type=float, default=0.10, help="e2e: the shadow's budget")
     p.add_argument("--no-ffn", action="store_true")
     p.add_argument("--no-e2e", action="store_true")
     p.add_argument("--e2e-layers", type=int, default=None, help="layers of the e2e model (default: the real count)")

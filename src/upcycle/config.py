@@ -7,9 +7,11 @@ from typing import Literal
 
 GateMode = Literal["ste", "sigmoid"]
 PredictorInit = Literal["svd", "calibrate", "random", "none"]
+PredictorKind = Literal["auto", "lowrank", "shadow"]
 
 GATE_MODES = ("ste", "sigmoid")
 PREDICTOR_INITS = ("svd", "calibrate", "random", "none")
+PREDICTOR_KINDS = ("auto", "lowrank", "shadow")
 
 
 @dataclass
@@ -17,14 +19,22 @@ class BankSparseConfig:
     """Predictor-gated bank-wise sparse SwiGLU.
 
     Every FFN's d_ff channels are cut into banks of `bank_size` consecutive channels; per token a
-    low-rank predictor (hidden -> `predictor_rank` -> d_ff) scores the channels and each bank keeps
-    its top `keep`. `keep_per_layer` overrides `keep` for single layers (`keep == bank_size` keeps a
-    layer dense). `layers=None` converts every SwiGLU FFN.
+    predictor scores the channels and each bank keeps its top `keep`. `keep_per_layer` overrides
+    `keep` for single layers (`keep == bank_size` keeps a layer dense). `layers=None` converts every
+    SwiGLU FFN.
+
+    The predictor is chosen by `predictor_budget`: the fraction of the dense FFN's 16-bit weight bytes
+    it may read per token. `auto` takes a low-bit shadow of gate/up (`shadow`) when 2 bits fit, else a
+    low-rank one (`lowrank`, hidden -> rank -> d_ff); `predictor_rank` / `shadow_bits` pin the size.
     """
 
     bank_size: int = 64
     keep: int = 16
-    predictor_rank: int | None = None  # None: hidden_size // 8, clamped to [16, 256]
+    predictor: PredictorKind = "auto"
+    predictor_budget: float = 0.10
+    predictor_rank: int | None = None  # lowrank; None: the largest rank within predictor_budget
+    shadow_bits: int | None = None  # shadow; None: the most bits within predictor_budget
+    shadow_group_size: int | None = None  # shadow; None: the smallest group within predictor_budget
     gate_mode: GateMode = "ste"
     predictor_init: PredictorInit = "svd"
     layers: list[int] | None = None
@@ -57,14 +67,38 @@ class BankSparseConfig:
             raise ValueError(f"predictor_init={self.predictor_init!r} is not one of {PREDICTOR_INITS}.")
         if self.predictor_rank is not None and self.predictor_rank < 1:
             raise ValueError(f"predictor_rank must be >= 1, got {self.predictor_rank}.")
+        if self.predictor not in PREDICTOR_KINDS:
+            raise ValueError(f"predictor={self.predictor!r} is not one of {PREDICTOR_KINDS}.")
+        if not 0 < self.predictor_budget <= 1:
+            raise ValueError(f"predictor_budget={self.predictor_budget} must lie in (0, 1] (default 0.10).")
+        if self.shadow_bits is not None and not 2 <= self.shadow_bits <= 8:
+            raise ValueError(f"shadow_bits={self.shadow_bits} must lie in [2, 8].")
 
     def keep_for(self, layer: int) -> int:
         return self.keep_per_layer.get(layer, self.keep)
 
-    def rank_for(self, hidden_size: int) -> int:
-        if self.predictor_rank is not None:
-            return self.predictor_rank
-        return min(256, max(16, hidden_size // 8))
+    def predictor_spec(self, hidden_size: int, intermediate_size: int) -> dict:
+        """{'predictor': 'lowrank', 'predictor_rank': r} or {'predictor': 'shadow', 'shadow_bits': b, ...}."""
+        from upcycle.modules.predictors import choose_predictor
+
+        kind = self.predictor
+        if kind == "auto" and self.predictor_rank is not None:
+            kind = "lowrank"  # a pinned rank means a low-rank predictor
+        if kind == "lowrank" and self.predictor_rank is not None:
+            spec = {"predictor": "lowrank", "predictor_rank": self.predictor_rank}
+        else:
+            spec = choose_predictor(self.predictor_budget, hidden_size, intermediate_size, kind, self.shadow_bits)
+        if spec["predictor"] == "shadow":
+            if self.shadow_group_size is not None:
+                if hidden_size % self.shadow_group_size:
+                    raise ValueError(
+                        f"shadow_group_size={self.shadow_group_size} must divide hidden_size={hidden_size}."
+                    )
+                spec["shadow_group_size"] = self.shadow_group_size
+            if self.gate_mode != "ste":
+                raise ValueError("a shadow predictor scores |h|, not gate logits: use gate_mode='ste' with it, or "
+                                 "predictor='lowrank' for the sigmoid gate.")
+        return spec
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -92,13 +92,15 @@ def convert(
     if config.predictor_init == "calibrate" and calibration_ids is None:
         raise ValueError("predictor_init='calibrate' needs calibration_ids (token ids [N, L]); or use 'svd'.")
 
+    dense0 = by_layer[layers[0]][1]
+    spec = config.predictor_spec(dense0.gate_proj.in_features, d_ff)
+    lowrank = spec["predictor"] == "lowrank"
     captured = None
-    if config.predictor_init == "calibrate":
+    if config.predictor_init == "calibrate" and lowrank:
         captured = capture_ffn_inputs(model, [by_layer[i][1] for i in layers], calibration_ids, progress)
 
     for i in tqdm(layers, desc="convert", disable=not progress):
         name, dense = by_layer[i]
-        hidden = dense.gate_proj.in_features
         sparse = BankSparseSwiGLU(
             dense.gate_proj,
             dense.up_proj,
@@ -106,15 +108,16 @@ def convert(
             dense.act_fn,
             bank_size=config.bank_size,
             keep=config.keep_for(i),
-            rank=config.rank_for(hidden),
+            rank=spec.get("predictor_rank"),
             gate_mode=config.gate_mode,
             ste_temperature=config.ste_temperature,
             sigmoid_scale_init=config.sigmoid_scale_init,
             layer_idx=i,
+            shadow=None if lowrank else (spec["shadow_bits"], spec["shadow_group_size"]),
         )
-        if config.predictor_init in ("svd", "calibrate"):
+        if lowrank and config.predictor_init in ("svd", "calibrate"):
             init_predictor_svd(sparse)
-        if config.predictor_init == "calibrate":
+        if lowrank and config.predictor_init == "calibrate":
             x = captured.pop(0)
             fit_predictor(sparse, x, steps=config.calibrate_steps, lr=config.calibrate_lr)
         parent_name, _, child = name.rpartition(".")
@@ -167,9 +170,26 @@ def upcycle_metadata(model: nn.Module, config: BankSparseConfig) -> dict:
     d["layers"] = [m.layer_idx for m in modules]
     d["keep_per_layer"] = {str(m.layer_idx): m.keep for m in modules if m.keep != config.keep}
     d["predictor_init"] = "none"  # a saved predictor is loaded, never re-initialised
-    if modules:
-        d["predictor_rank"] = modules[0].predictor.rank
+    if modules:  # the resolved predictor, so that loading rebuilds exactly this one
+        pred = modules[0].predictor
+        d["predictor"] = pred.kind
+        if pred.kind == "lowrank":
+            d["predictor_rank"], d["shadow_bits"], d["shadow_group_size"] = pred.rank, None, None
+        else:
+            d["predictor_rank"], d["shadow_bits"], d["shadow_group_size"] = None, pred.bits, pred.group_size
     return {"format_version": FORMAT_VERSION, "recipe": "bank_sparse", "bank_sparse": d}
+
+
+def predictor_bytes_fraction(model: nn.Module) -> float:
+    """Bytes the predictors read per token over the dense FFNs' 16-bit bytes (the predictor_budget unit)."""
+    from upcycle.modules.predictors import lowrank_bytes_fraction, shadow_bytes_fraction
+
+    fractions = []
+    for _, m in sparse_ffns(model):
+        p = m.predictor
+        fractions.append(lowrank_bytes_fraction(m.hidden_size, m.intermediate_size, p.rank) if p.kind == "lowrank"
+                         else shadow_bytes_fraction(p.bits, p.group_size))
+    return sum(fractions) / max(1, len(fractions))
 
 
 @torch.no_grad()

@@ -61,3 +61,18 @@ def test_bad_inputs_exit_2_with_one_line(dense_dir, tmp_path, capsys):
 def test_console_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "upcycle", "info", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "no config.json" in r.stderr
+
+
+def test_predictor_budget_picks_a_shadow_and_info_counts_its_bytes(dense_dir, tmp_path, capsys):
+    out = tmp_path / "shadow"
+    assert main(["convert", "--model", str(dense_dir), "--out", str(out), "--predictor-budget", "0.2"]) == 0
+    assert "predictor: shadow" in capsys.readouterr().out
+    m = next(m for _, m in sparse_ffns(upcycle.load(out)))
+    assert (m.predictor.kind, m.predictor.bits, m.predictor.group_size) == ("shadow", 4, 64)
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["predictor_params"] == 0
+    # gate + up (2/3 of the FFN weights) at 4 bits + a 16-bit scale and minimum per 64 weights
+    assert abs(info["predictor_bytes_per_token"] - info["ffn_params"] * 2 / 3 * 4.5 / 8) < 1e-6
+    assert main(["info", str(out)]) == 0
+    assert "shadow 4-bit, groups of 64" in capsys.readouterr().out

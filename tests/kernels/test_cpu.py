@@ -154,3 +154,46 @@ def test_fused_after_fork():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,group", [(2, 96), (3, 32), (4, 48), (8, 96), (2, 32)])
+@pytest.mark.parametrize("T", [1, 5])
+def test_fused_shadow_matches_reference(T, bits, group, dtype):
+    from upcycle.kernels.reference import (
+        shadow_dequantize,
+        shadow_quantize,
+        shadow_scores,
+        sparse_swiglu_gather_reference,
+    )
+
+    d, d_ff, bank, keep = 192, 384, 64, 16
+    w = _weights(d, d_ff, 4, dtype)
+    x = torch.randn(T, d).to(dtype)
+    pack = cpu.pack_shadow(w["w_gate"], w["w_up"], bits, group)
+    assert pack.container_bits == (2 if bits == 2 else 4 if bits <= 4 else 8)
+    idx = torch.full((T, d_ff // bank * keep), -1, dtype=torch.int32)
+    out = torch.full((T, d), float("nan"))
+    y = cpu.fused_sparse_decode(x, w["w_gate"], w["w_up"], w["w_down"].t().contiguous(), None, None, None, bank,
+                                keep, out=out, idx_out=idx, shadow=pack)
+    assert torch.isfinite(out).all() and y.dtype == dtype
+    gq, uq = (shadow_dequantize(*shadow_quantize(w[k], bits, group)) for k in ("w_gate", "w_up"))
+    ref_idx = bank_topk_indices(shadow_scores(x.float(), gq, uq), bank, keep)
+    # the kernel sums in another order: a near-tie may flip, nothing more
+    assert (idx.long() == ref_idx).float().mean() > 0.99
+    f = {k: v.float() for k, v in w.items() if v is not None}
+    ref = sparse_swiglu_gather_reference(x.float(), f["w_gate"], f["w_up"], f["w_down"], idx.long())
+    assert _rel(y, ref) < RTOL[dtype]
+
+
+def test_pack_codes_layout():
+    codes = torch.randint(0, 4, (3, 64), dtype=torch.uint8)
+    packed = cpu.pack_codes(codes, 2, 32)
+    assert packed.shape == (3, 16)
+    # byte k of group g holds inputs g*32 + k + 8p at bits 2p
+    for g in range(2):
+        for k in range(8):
+            for p in range(4):
+                got = (packed[:, g * 8 + k] >> (2 * p)) & 3
+                assert torch.equal(got, codes[:, g * 32 + k + 8 * p])

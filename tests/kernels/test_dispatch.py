@@ -200,3 +200,21 @@ def test_torch_compile_fullgraph_uses_fused_op():
         with dispatch.use_kernels("reference"):
             ref = m(x)
     assert _close(y, ref)
+
+
+@pytest.mark.skipif(cpu._compiler() is None, reason="no C compiler: fused CPU kernel not built")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_shadow_decode_takes_the_fused_path_and_matches_reference(bits):
+    lin = lambda i, o: nn.Linear(i, o, bias=False)  # noqa: E731
+    m = BankSparseSwiGLU(lin(128, 512), lin(128, 512), lin(512, 128), nn.SiLU(), 64, 16, shadow=(bits, 64)).eval()
+    x = torch.randn(1, 1, 128)
+    fast, ref = _both(m, x)
+    assert fast is not None and _close(fast, ref)
+    with dispatch.use_kernels("torch"):
+        assert dispatch.decode_forward(m, x) is None  # no torch-ops shadow path: the reference runs
+    with torch.no_grad():  # the packed shadow follows in-place weight updates
+        m.up_proj.weight.mul_(-1.0)
+    fast, ref = _both(m, x)
+    assert _close(fast, ref)
+    dispatch.release(m)
+    assert dispatch._SHADOW_ATTR not in m.__dict__

@@ -50,3 +50,23 @@ def test_aux_term_reaches_the_predictor_only_through_its_weight():
     out["loss"].backward()
     record_aux(model, False)
     assert all(m.aux_loss is None and not m.record_aux for m in model.modules() if hasattr(m, "record_aux"))
+
+
+def test_feature_loss_is_zero_against_itself_and_pulls_the_student_toward_the_teacher():
+    from upcycle.train.losses import feature_loss
+
+    teacher = tiny_model(vocab_size=512)
+    student = tiny_model(vocab_size=512, seed=1)
+    ids = torch.randint(0, 512, (2, 24))
+    th, tf = teacher_hidden_states(teacher, ids, features=True)
+    assert len(tf) == teacher.config.num_hidden_layers
+    same = Objective(teacher, feature_weight=1.0)(ids, th, teacher.get_output_embeddings(), teacher_features=tf)
+    assert same["feat"].item() < 1e-10
+    obj = Objective(student, distill_weight=0.0, feature_weight=2.0)
+    out = obj(ids, th, teacher.get_output_embeddings(), teacher_features=tf)
+    assert out["feat"].item() > 0.1 and torch.allclose(out["loss"], out["ce"] + 2.0 * out["feat"])
+    # the normalised MSE itself, written out for one layer pair
+    s, t = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    assert torch.allclose(feature_loss((s,), (t,)), ((s - t) ** 2).mean() / (t**2).mean())
+    out["loss"].backward()
+    assert all(p.grad is not None for p in student.get_decoder().layers[0].mlp.parameters())

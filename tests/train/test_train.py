@@ -70,3 +70,27 @@ def test_cli_with_yaml_config_trains_a_dense_checkpoint_converted_on_the_fly(den
     assert [m.target_keep for _, m in sparse_ffns(upcycle.load(tmp_path / "run" / "model"))] == [32, 32]
     assert main(["train", "--config", str(y), "--data", str(tmp_path / "missing.txt"),
                  "--out", str(tmp_path / "run2")]) == 2
+
+
+def test_shadow_predictor_model_trains_with_feature_distillation_and_on_eval(dense_dir, tokenizer, text_file,
+                                                                             tmp_path, tiny_train_config):
+    model = upcycle.load(dense_dir)
+    upcycle.convert(model, upcycle.BankSparseConfig(predictor="shadow", predictor_budget=0.2), progress=False)
+    src = upcycle.save(model, tmp_path / "shadow", tokenizer=tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def on_eval(step, m):
+        assert not m.training and not torch.is_grad_enabled()
+        seen.append(step)
+        return {"custom": float(step)}
+
+    cfg = tiny_train_config(src, [text_file], tmp_path / "run", steps=4, eval_every=2, feature_distill_weight=1.0)
+    result = train(cfg, on_eval=on_eval)
+    assert seen == [2, 4]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["custom"] == 2.0 and all(r["feat"] > 0 for r in rows)
+    trained = upcycle.load(result.model_dir)
+    assert {m.predictor.kind for _, m in sparse_ffns(trained)} == {"shadow"}
+    after = trained.state_dict()
+    assert not torch.equal(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])

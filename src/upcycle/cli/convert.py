@@ -27,9 +27,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--bank-size", type=int, default=64)
     p.add_argument("--keep", type=int, default=16, help="channels kept per bank")
-    p.add_argument("--rank", type=int, default=None, help="predictor rank (default hidden/8 in [16, 256])")
+    p.add_argument("--predictor-budget", type=float, default=0.10,
+                   help="bytes the predictor may read per token, as a fraction of the dense FFN's 16-bit bytes "
+                   "(default 0.10): upcycle picks the best predictor that fits")
+    p.add_argument("--predictor", choices=["auto", "lowrank", "shadow"], default="auto",
+                   help="auto: a low-bit shadow of gate/up when 2 bits fit the budget, else low-rank")
+    p.add_argument("--rank", type=int, default=None, help="pin the low-rank predictor's rank (implies lowrank)")
+    p.add_argument("--shadow-bits", type=int, default=None, help="pin the shadow's bits (2-8)")
     p.add_argument("--init", choices=["svd", "calibrate", "random"], default=None,
-                   help="predictor init (default: calibrate with --data, else svd)")
+                   help="low-rank predictor init (default: calibrate with --data, else svd)")
     p.add_argument("--gate-mode", choices=["ste", "sigmoid"], default="ste")
     p.add_argument("--layers", default=None, help="comma-separated layer indices to convert (default all)")
     p.add_argument("--keep-per-layer", default=None, help="overrides, e.g. 0=64,27=32 (64 = dense layer)")
@@ -45,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import upcycle
-    from upcycle.convert import measure_recall
+    from upcycle.convert import measure_recall, predictor_bytes_fraction
     from upcycle.io import load_pretrained
+    from upcycle.modules import sparse_ffns
     from upcycle.text import read_texts, token_windows
 
     torch.manual_seed(args.seed)
@@ -54,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
     config = BankSparseConfig(
         bank_size=args.bank_size,
         keep=args.keep,
+        predictor=args.predictor,
+        predictor_budget=args.predictor_budget,
         predictor_rank=args.rank,
+        shadow_bits=args.shadow_bits,
         gate_mode=args.gate_mode,
         predictor_init=init,
         layers=[int(i) for i in args.layers.split(",")] if args.layers else None,
@@ -74,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         log.info("calibration: %d x %d tokens, recall measured on %d held-out windows",
                  len(calib), args.seq_len, len(held_out))
     upcycle.convert(model, config, calibration_ids=calib)
+    pred = next(m for _, m in sparse_ffns(model)).predictor
+    print(f"predictor: {pred.kind} ({pred.extra_repr() or f'rank={pred.rank}'}), "
+          f"{predictor_bytes_fraction(model):.3f} of the dense FFN's 16-bit bytes per token "
+          f"(budget {config.predictor_budget})")
     model.config.upcycle["source"] = str(Path(args.model).resolve())
     if held_out is not None and len(held_out):
         recall = measure_recall(model, held_out)

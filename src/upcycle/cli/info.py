@@ -38,6 +38,12 @@ def _dtype_bytes(name: str) -> int:
     return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}.get(name, 4)
 
 
+def shadow_bits_per_weight(meta: dict) -> float:
+    from upcycle.modules.predictors import SHADOW_GROUP_OVERHEAD_BITS
+
+    return meta["shadow_bits"] + SHADOW_GROUP_OVERHEAD_BITS / meta["shadow_group_size"]
+
+
 def summarize(path: str | Path) -> dict:
     from upcycle.io import _read_config
 
@@ -64,6 +70,9 @@ def summarize(path: str | Path) -> dict:
         density = 1.0 if keep is None else keep / bank
         dense_bytes = e["ffn_params"] * e["bytes_per_param"]
         pred_bytes = e["predictor_params"] * e["bytes_per_param"]
+        if meta and meta.get("predictor") == "shadow" and keep is not None:
+            # gate + up (2/3 of the FFN's weights) at `bits` each plus a 16-bit scale and zero per group
+            pred_bytes = e["ffn_params"] * 2 / 3 * shadow_bits_per_weight(meta) / 8
         rows.append({
             "layer": idx,
             "keep": keep,
@@ -74,6 +83,7 @@ def summarize(path: str | Path) -> dict:
             "predictor_pct_of_ffn_params": 100 * e["predictor_params"] / e["ffn_params"],
             # Bytes read per token at decode: kept rows of gate/up/down plus the whole predictor.
             "ffn_bytes_per_token": density * dense_bytes + pred_bytes,
+            "predictor_bytes_per_token": pred_bytes,
             "dense_ffn_bytes_per_token": dense_bytes,
             "predictor_pct_of_bytes_read": 100 * pred_bytes / (density * dense_bytes + pred_bytes),
         })
@@ -92,6 +102,7 @@ def summarize(path: str | Path) -> dict:
         "ffn_bytes_per_token": read,
         "dense_ffn_bytes_per_token": dense,
         "ffn_bytes_ratio": read / dense if dense else 1.0,
+        "predictor_bytes_per_token": sum(r["predictor_bytes_per_token"] for r in rows),
         "layers": rows,
     }
 
@@ -104,9 +115,12 @@ def run(args: argparse.Namespace) -> int:
     c = s["config"]
     print(f"{s['path']}: {s['architecture']}, {s['recipe']}, {s['total_params'] / 1e6:.2f}M parameters")
     if c:
-        print(f"bank_size={c['bank_size']} keep={c['keep']} rank={c['predictor_rank']} gate_mode={c['gate_mode']}")
+        pred = (f"shadow {c['shadow_bits']}-bit, groups of {c['shadow_group_size']}" if c.get("predictor") == "shadow"
+                else f"low-rank, rank {c['predictor_rank']}")
+        print(f"bank_size={c['bank_size']} keep={c['keep']} predictor: {pred} gate_mode={c['gate_mode']}")
     print(f"predictor: {s['predictor_params'] / 1e6:.3f}M params = "
-          f"{100 * s['predictor_params'] / max(1, s['ffn_params']):.1f}% of FFN params")
+          f"{100 * s['predictor_params'] / max(1, s['ffn_params']):.1f}% of FFN params; reads "
+          f"{s['predictor_bytes_per_token'] / 1e6:.3f} MB per token")
     print(f"FFN bytes read per token: {s['ffn_bytes_per_token'] / 1e6:.3f} MB of "
           f"{s['dense_ffn_bytes_per_token'] / 1e6:.3f} MB dense ({100 * s['ffn_bytes_ratio']:.1f}%)")
     print(f"{'layer':>5} {'keep':>6} {'density':>8} {'ffn params':>11} {'pred params':>11} "

@@ -26,13 +26,14 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from upcycle.kernels.reference import bank_topk_indices, predictor_logits
+from upcycle.kernels.reference import bank_topk_indices, predictor_logits, shadow_quantize
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ static inline v8 ld_f16(const void *p) { return __builtin_convertvector(*(const 
 static inline float ld1_f16(const void *p, long i) { return (float)((const _Float16 *)p)[i]; }
 #endif
 
+typedef uint8_t u8x8 __attribute__((vector_size(8), aligned(1)));
+static inline float bf16f(uint16_t h) { uint32_t w = (uint32_t)h << 16; float f; memcpy(&f, &w, 4); return f; }
+
 static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 static inline v8 splat(float h) { v8 v = {h, h, h, h, h, h, h, h}; return v; }
 static inline float silu(float g) { return g / (1.f + expf(-g)); }
@@ -87,7 +91,54 @@ typedef struct {
     float alpha;
     const char *win, *wout, *bout, *wg, *wu, *wdt;
     int32_t *idx_out;
+    /* shadow predictor (qg != NULL): packed codes of gate/up, bf16 scale and minimum per group;
+       a holds, per token, the sums of x over each group instead of the low-rank activations */
+    const uint8_t *qg, *qu;
+    const uint16_t *sg, *lg, *su, *lu;
+    int cb, G;
 } args_t;
+
+/* One row of a shadow: x . (codes * scale + lo) over d inputs. Codes are packed per group of G
+   inputs into G / (8 / CB) bytes; byte k of a group holds inputs k + p * G / (8 / CB), p = 0..,
+   at bit offset CB * p (so every plane is a contiguous run of x). xs: x summed per group. One copy
+   per container width: constant shifts and widening to int32 first let the compiler vectorise
+   (a generic loop over uint8 lanes measured 4-6x slower). */
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+#define QDOT(CB)                                                                                         \
+static float qdot##CB(const uint8_t *P, const float *restrict x, const float *xs, const uint16_t *sc,     \
+                      const uint16_t *lo, int d, int G) {                                                \
+    enum { PPB = 8 / CB };                                                                               \
+    const int gb = G / PPB, ng = d / G;                                                                  \
+    float total = 0.f;                                                                                   \
+    for (int g = 0; g < ng; g++) {                                                                       \
+        const uint8_t *pg = P + (size_t)g * gb;                                                          \
+        const float *xg = x + (size_t)g * G;                                                             \
+        v8 acc[PPB];                                                                                     \
+        for (int p = 0; p < PPB; p++) acc[p] = splat(0.f);                                               \
+        int k = 0;                                                                                       \
+        for (; k + 8 <= gb; k += 8) {                                                                    \
+            u8x8 b8; memcpy(&b8, pg + k, 8);                                                             \
+            i32x8 b = __builtin_convertvector(b8, i32x8);                                                \
+            for (int p = 0; p < PPB; p++)                                                                \
+                acc[p] += __builtin_convertvector((b >> (CB * p)) & ((1 << CB) - 1), v8) * ld_f32(xg + p * gb + k); \
+        }                                                                                                \
+        v8 a = acc[0];                                                                                   \
+        for (int p = 1; p < PPB; p++) a += acc[p];                                                       \
+        float s = hsum(a);                                                                               \
+        for (; k < gb; k++)                                                                              \
+            for (int p = 0; p < PPB; p++) s += (float)((pg[k] >> (CB * p)) & ((1 << CB) - 1)) * xg[p * gb + k]; \
+        total += bf16f(sc[g]) * s + bf16f(lo[g]) * xs[g];                                                \
+    }                                                                                                    \
+    return total;                                                                                        \
+}
+QDOT(2)
+QDOT(4)
+QDOT(8)
+static inline float qdot(const uint8_t *P, const float *restrict x, const float *xs, const uint16_t *sc,
+                         const uint16_t *lo, int d, int G, int cb) {
+    return cb == 2 ? qdot2(P, x, xs, sc, lo, d, G) : cb == 4 ? qdot4(P, x, xs, sc, lo, d, G)
+                                                             : qdot8(P, x, xs, sc, lo, d, G);
+}
 typedef void (*bank_fn)(const args_t *A, int b, float *yp, float *scr);
 
 /* Opportunistic helpers instead of an OpenMP team. The caller never waits for a helper to wake
@@ -275,6 +326,17 @@ static inline void quad_SUF(float *restrict y, const float *restrict x, int n, c
 
 static void prologue_SUF(args_t *A) {
     float *a = (float *)A->a;
+    if (A->qg) {
+        const int ng = A->d / A->G;
+        for (int t = 0; t < A->T; t++)
+            for (int g = 0; g < ng; g++) {
+                const float *xg = A->x + (size_t)t * A->d + (size_t)g * A->G;
+                float s = 0.f;
+                for (int i = 0; i < A->G; i++) s += xg[i];
+                a[(size_t)t * ng + g] = s;
+            }
+        return;
+    }
     for (int t = 0; t < A->T; t++)
         for (int j = 0; j < A->r; j++)
             a[(size_t)t * A->r + j] = dot_SUF(A->win + (long)j * A->d * ESZ, A->x + (size_t)t * A->d, A->d);
@@ -290,9 +352,21 @@ static void bank_SUF(const args_t *A, int b, float *yp, float *scr) {
     int c0 = b * bank;
     memset(mb, 0, sizeof(uint64_t) * bank);
     for (int t = 0; t < T; t++) {
-        for (int i = 0; i < bank; i++)
-            z[i] = dot_SUF(A->wout + (long)(c0 + i) * r * ESZ, A->a + (size_t)t * r, r)
-                   + (A->bout ? LD1(A->bout, c0 + i) : 0.f);
+        if (A->qg) {
+            const int ng = d / A->G;
+            const long rb = d / (8 / A->cb);
+            const float *xt = A->x + (size_t)t * d, *xs = A->a + (size_t)t * ng;
+            for (int i = 0; i < bank; i++) {
+                long c = c0 + i;
+                float g = qdot(A->qg + c * rb, xt, xs, A->sg + c * ng, A->lg + c * ng, d, A->G, A->cb);
+                float u = qdot(A->qu + c * rb, xt, xs, A->su + c * ng, A->lu + c * ng, d, A->G, A->cb);
+                z[i] = fabsf(silu(g) * u);
+            }
+        } else {
+            for (int i = 0; i < bank; i++)
+                z[i] = dot_SUF(A->wout + (long)(c0 + i) * r * ESZ, A->a + (size_t)t * r, r)
+                       + (A->bout ? LD1(A->bout, c0 + i) : 0.f);
+        }
         /* top-keep: a running set of the best seen, replacing its minimum (ties: lower index) */
         for (int i = 0; i < keep; i++) { kv[i] = z[i]; ki[i] = i; }
         int mp = 0;
@@ -349,16 +423,23 @@ static void bank_SUF(const args_t *A, int b, float *yp, float *scr) {
 
 /* x [T,d] f32; predictor win [r,d], wout [d_ff,r], bout [d_ff] or NULL; wg/wu/wdt: d_ff rows of d
    weights with row strides ldg/ldu/ldd (wdt = W_down^T). y [T,d] f32; idx_out [T, n_banks*keep]
-   int32 or NULL. Returns 0, or nonzero on bad arguments / out of memory. */
+   int32 or NULL. Shadow predictor instead of win/wout (qg != NULL): qg/qu [d_ff, d*cb/8] packed
+   codes, sg/lg/su/lu [d_ff, d/G] bf16 scale and minimum. Returns 0, or nonzero on bad arguments /
+   out of memory. */
 int upc_decode_SUF(const float *x, int T, int d, int dff, int r, const char *win, const char *wout,
                    const char *bout, const char *wg, long ldg, const char *wu, long ldu,
                    const char *wdt, long ldd, int bank, int keep, int use_sigmoid, float alpha,
-                   float *y, int32_t *idx_out, int nthreads) {
+                   float *y, int32_t *idx_out, int nthreads, const uint8_t *qg, const uint8_t *qu,
+                   const uint16_t *sg, const uint16_t *lg, const uint16_t *su, const uint16_t *lu, int cb, int G) {
     if (T < 1 || T > 64 || bank < 1 || dff % bank || keep > bank || keep < 1 || nthreads < 1) return 1;
-    float *a = malloc(sizeof(float) * (size_t)T * r);
+    if (qg && (!qu || !sg || !lg || !su || !lu || (cb != 2 && cb != 4 && cb != 8) || G < 1 || d % G
+               || G % (8 / cb) || use_sigmoid)) return 1;
+    size_t per_token = qg ? (size_t)(d / G) : (size_t)r;
+    float *a = malloc(sizeof(float) * ((size_t)T * per_token + 1));
     if (!a) return 2;
     args_t A = {x, a, T, d, dff, r, bank, keep, use_sigmoid, dff / bank, ldg, ldu, ldd,
-                (long)(dff / bank) * keep, alpha, win, wout, bout, wg, wu, wdt, idx_out};
+                (long)(dff / bank) * keep, alpha, win, wout, bout, wg, wu, wdt, idx_out,
+                qg, qu, sg, lg, su, lu, cb, G};
     /* per-slot scratch, in floats: z, gate [T*bank], kv, ki, list, mask bits (uint64 per channel) */
     size_t scratch = (size_t)bank * (T + 5) + 2 * (size_t)keep + 2;
     int rc = run_job(bank_SUF, prologue_SUF, &A, scratch, y, nthreads);
@@ -383,7 +464,7 @@ def _c_source() -> str:
         )
 
     f16 = "#if defined(__FLT16_MAX__)\n" + body("f16", 2) + "#endif\n"  # needs a compiler with _Float16
-    return _C_PRELUDE + body("f32", 4) + body("bf16", 2) + f16 + "int upc_abi_version(void) { return 4; }\n"
+    return _C_PRELUDE + body("f32", 4) + body("bf16", 2) + f16 + "int upc_abi_version(void) { return 5; }\n"
 
 
 _C_SOURCE = _c_source()
@@ -454,7 +535,8 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"upc_decode_{suf}", None)
         if fn is None:  # float16 needs a compiler with _Float16
             continue
-        fn.argtypes = [P, I, I, I, I, P, P, P, P, L, P, L, P, L, I, I, I, ctypes.c_float, P, P, I]
+        fn.argtypes = [P, I, I, I, I, P, P, P, P, L, P, L, P, L, I, I, I, ctypes.c_float, P, P, I,
+                       P, P, P, P, P, P, I, I]
         fn.restype = I
     return lib
 
@@ -566,13 +648,60 @@ def _rows_ok(w: Tensor, shape: tuple[int, int]) -> bool:
     return tuple(w.shape) == shape and w.stride(1) == 1 and w.stride(0) >= shape[1]
 
 
+@dataclass
+class ShadowPack:
+    """A shadow predictor as the fused kernel reads it: gate/up codes packed `container_bits` wide
+    (2, 4 or 8; 3-bit codes travel in 4-bit containers, 5-7 in 8), bf16 scale and minimum per group."""
+
+    gate_codes: Tensor  # uint8 [d_ff, d * container_bits / 8]
+    up_codes: Tensor
+    gate_scale: Tensor  # bf16 [d_ff, d / group_size]
+    gate_lo: Tensor
+    up_scale: Tensor
+    up_lo: Tensor
+    container_bits: int
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.gate_codes, self.up_codes, self.gate_scale, self.gate_lo,
+                                      self.up_scale, self.up_lo))
+
+
+def container_bits(bits: int) -> int:
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def pack_codes(codes: Tensor, bits: int, group_size: int) -> Tensor:
+    """uint8 codes [out, in] -> [out, in * cb / 8]: per group, byte k holds inputs k + p * group / (8 / cb)."""
+    cb = container_bits(bits)
+    ppb = 8 // cb
+    out_features, in_features = codes.shape
+    if group_size % ppb:
+        raise ValueError(f"group_size={group_size} must be a multiple of {ppb} for {cb}-bit containers")
+    planes = codes.to(torch.int32).reshape(out_features, in_features // group_size, ppb, group_size // ppb)
+    packed = torch.zeros(planes.shape[:2] + planes.shape[3:], dtype=torch.int32)
+    for p in range(ppb):
+        packed |= planes[:, :, p] << (cb * p)
+    return packed.to(torch.uint8).reshape(out_features, -1).contiguous()
+
+
+def pack_shadow(w_gate: Tensor, w_up: Tensor, bits: int, group_size: int) -> ShadowPack:
+    """Quantise gate/up as `kernels.reference.shadow_quantize` does and pack them for the fused kernel."""
+    gq, gs, gl = shadow_quantize(w_gate, bits, group_size)
+    uq, us, ul = shadow_quantize(w_up, bits, group_size)
+    bf = lambda t: t.to(torch.bfloat16).contiguous()  # noqa: E731  (exact: already bf16-rounded)
+    return ShadowPack(pack_codes(gq, bits, group_size), pack_codes(uq, bits, group_size), bf(gs), bf(gl), bf(us),
+                      bf(ul), container_bits(bits), group_size)
+
+
 def fused_sparse_decode(
     x: Tensor,
     w_gate: Tensor,
     w_up: Tensor,
     w_down_t: Tensor,
-    w_in: Tensor,
-    w_out: Tensor,
+    w_in: Tensor | None,
+    w_out: Tensor | None,
     b_out: Tensor | None,
     bank_size: int,
     keep: int,
@@ -580,6 +709,7 @@ def fused_sparse_decode(
     out: Tensor | None = None,
     idx_out: Tensor | None = None,
     num_threads: int | None = None,
+    shadow: ShadowPack | None = None,
 ) -> Tensor:
     """Fused CPU decode: x [T, d] -> y [T, d] (x's dtype). CPU weights of one dtype.
 
@@ -589,18 +719,31 @@ def fused_sparse_decode(
     alpha the `sigmoid` gate 2 * sigmoid(alpha * logit). `out` (float32, [T, d]) and `idx_out`
     (int32, [T, n_banks * keep], ascending per bank) are optional outputs. `num_threads` None: up to
     torch.get_num_threads() (or UPCYCLE_CPU_THREADS), 1 or all chosen per call shape by measured time.
+    `shadow` (a `pack_shadow` result) replaces the low-rank predictor (w_in, w_out, b_out are then None).
     """
     lib = fused_library()
     if lib is None:
         raise RuntimeError(f"fused CPU kernel unavailable: {_lib_error}")
     T, d = x.shape
-    d_ff, r = w_out.shape
+    d_ff, r = (w_gate.shape[0], 0) if shadow is not None else w_out.shape
     dtype = w_gate.dtype
-    ws = (w_gate, w_up, w_down_t, w_in, w_out) + (() if b_out is None else (b_out,))
+    pred = () if shadow is not None else (w_in, w_out) + (() if b_out is None else (b_out,))
+    ws = (w_gate, w_up, w_down_t) + pred
     if any(w.dtype != dtype or w.device.type != "cpu" for w in ws) or dtype not in _supported:
         raise ValueError(f"fused_sparse_decode: weights must be CPU tensors of one supported dtype ({dtype})")
     rows_ok = all(_rows_ok(w, (d_ff, d)) for w in (w_gate, w_up, w_down_t))
-    if not rows_ok or tuple(w_in.shape) != (r, d) or not (w_in.is_contiguous() and w_out.is_contiguous()):
+    if shadow is not None:
+        if gate_scale is not None:
+            raise ValueError("fused_sparse_decode: a shadow predictor has no sigmoid gate")
+        row = d * shadow.container_bits // 8
+        groups = d // shadow.group_size
+        ok = all(tuple(t.shape) == (d_ff, row) and t.dtype == torch.uint8 and t.is_contiguous()
+                 for t in (shadow.gate_codes, shadow.up_codes))
+        ok = ok and all(tuple(t.shape) == (d_ff, groups) and t.dtype == torch.bfloat16 and t.is_contiguous()
+                        for t in (shadow.gate_scale, shadow.gate_lo, shadow.up_scale, shadow.up_lo))
+        if not rows_ok or not ok or d % shadow.group_size:
+            raise ValueError("fused_sparse_decode: weight or shadow shapes do not match x")
+    elif not rows_ok or tuple(w_in.shape) != (r, d) or not (w_in.is_contiguous() and w_out.is_contiguous()):
         raise ValueError("fused_sparse_decode: weight shapes or layouts do not match x and the predictor")
     if b_out is not None and not b_out.is_contiguous():
         raise ValueError("fused_sparse_decode: b_out must be contiguous")
@@ -615,14 +758,18 @@ def fused_sparse_decode(
     fn = getattr(lib, f"upc_decode_{_SUFFIX[dtype]}")
     adaptive = num_threads is None and not os.environ.get("UPCYCLE_CPU_THREADS")
     n_max = num_threads or _threads(T * d * d_ff)
-    key = (T, d, d_ff, keep, dtype, w_down_t.stride(0))
+    key = (T, d, d_ff, keep, dtype, w_down_t.stride(0), None if shadow is None else shadow.container_bits)
     n = _chooser.pick(key, n_max) if adaptive and n_max > 1 else n_max
     t0 = time.perf_counter()
+    sh = shadow
+    shadow_args = ((None,) * 6 + (0, 0)) if sh is None else (
+        sh.gate_codes.data_ptr(), sh.up_codes.data_ptr(), sh.gate_scale.data_ptr(), sh.gate_lo.data_ptr(),
+        sh.up_scale.data_ptr(), sh.up_lo.data_ptr(), sh.container_bits, sh.group_size)
     rc = fn(
-        xf.data_ptr(), T, d, d_ff, r, w_in.data_ptr(), w_out.data_ptr(), _ptr(b_out),
+        xf.data_ptr(), T, d, d_ff, r, _ptr(w_in), _ptr(w_out), _ptr(b_out),
         w_gate.data_ptr(), w_gate.stride(0), w_up.data_ptr(), w_up.stride(0), w_down_t.data_ptr(), w_down_t.stride(0),
         bank_size, keep, int(gate_scale is not None), 0.0 if gate_scale is None else float(gate_scale),
-        y.data_ptr(), _ptr(idx_out), n,
+        y.data_ptr(), _ptr(idx_out), n, *shadow_args,
     )  # fmt: skip
     if adaptive and n_max > 1:
         _chooser.record(key, n, time.perf_counter() - t0)

@@ -145,6 +145,23 @@ def _cache(module: nn.Module, layout: str) -> _DecodeCache:
     return cache
 
 
+_SHADOW_ATTR = "_upcycle_shadow_pack"
+
+
+def _shadow_pack(module: nn.Module):
+    """The shadow predictor packed for the fused CPU kernel, rebuilt when gate/up change."""
+    from upcycle.kernels import cpu
+
+    g, u = module.gate_proj.weight, module.up_proj.weight
+    key = (_key(g), _key(u), module.predictor.bits, module.predictor.group_size)
+    cached = module.__dict__.get(_SHADOW_ATTR)
+    if cached is None or cached[0] != key:
+        module.__dict__.pop(_SHADOW_ATTR, None)
+        cached = (key, cpu.pack_shadow(g, u, module.predictor.bits, module.predictor.group_size))
+        module.__dict__[_SHADOW_ATTR] = cached
+    return cached[1]
+
+
 def prepare(model: nn.Module, layout: str | None = None) -> int:
     """Build every sparse FFN's decode cache now (before CUDA-graph capture or torch.compile).
 
@@ -154,6 +171,8 @@ def prepare(model: nn.Module, layout: str | None = None) -> int:
     for m in _sparse_modules(model):
         device = m.down_proj.weight.device.type
         total += _cache(m, layout or decode_layout(device)).nbytes
+        if device == "cpu" and m.predictor.kind == "shadow":
+            total += _shadow_pack(m).nbytes
         if device == "cpu":
             from upcycle.kernels import cpu
 
@@ -165,6 +184,7 @@ def release(model: nn.Module) -> None:
     """Drop the decode caches (they are rebuilt on the next decode call)."""
     for m in _sparse_modules(model):
         m.__dict__.pop(_CACHE_ATTR, None)
+        m.__dict__.pop(_SHADOW_ATTR, None)
 
 
 def _sparse_modules(model: nn.Module) -> list[nn.Module]:
@@ -186,10 +206,13 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
     mode = kernel_mode()
     if mode == "reference" or module.keep >= module.bank_size:
         return None
+    shadow = module.predictor.kind == "shadow"
+    if shadow and (x.device.type != "cpu" or mode == "torch"):
+        return None  # the shadow's low-bit scoring exists in the fused CPU kernel only
     gate, up, down = module.gate_proj, module.up_proj, module.down_proj
-    pred_in, pred_out = module.predictor.in_proj, module.predictor.out_proj
+    pred = () if shadow else (module.predictor.in_proj, module.predictor.out_proj)
     # Kernels read .weight directly: plain nn.Linear only (no LoRA/quantised wrappers), no hooks to skip.
-    for lin in (gate, up, down, pred_in, pred_out):
+    for lin in (gate, up, down) + pred:
         if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
             return None
     if gate.bias is not None or up.bias is not None or down.bias is not None:
@@ -202,14 +225,14 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
     if T == 0 or T > max_tokens(device):
         return None
     dtype = gate.weight.dtype
-    ws = (gate.weight, up.weight, down.weight, pred_in.weight, pred_out.weight)
+    ws = (gate.weight, up.weight, down.weight) + tuple(lin.weight for lin in pred)
     if x.dtype != dtype or any(w.dtype != dtype or w.device != x.device or not w.is_contiguous() for w in ws):
         return None
     if device == "cpu":
         from upcycle.kernels import cpu
 
         use_fused = mode in ("auto", "fused") and T <= cpu.FUSED_MAX_TOKENS and cpu.fused_supports(dtype)
-        if not use_fused and mode == "fused":
+        if not use_fused and (mode == "fused" or shadow):
             return None
         impl = "fused" if use_fused else "torch"
     elif device == "cuda":
@@ -234,10 +257,21 @@ def _run(impl: str, module, x2: Tensor, shape: torch.Size) -> Tensor | None:
     else:
         cache = _cache(module, layout)
     pred = module.predictor
+    w_gate = module.gate_proj.weight if cache.w_gate is None else cache.w_gate
+    w_up = module.up_proj.weight if cache.w_up is None else cache.w_up
+    if pred.kind == "shadow":
+        from upcycle.kernels import cpu
+
+        if compiling:
+            return None  # no compiled-graph op for the shadow yet: torch.compile keeps the reference path
+        pack = _shadow_pack(module)
+        y = cpu.fused_sparse_decode(x2, w_gate, w_up, cache.w_down_t, None, None, None, module.bank_size,
+                                    module.keep, shadow=pack)
+        return y.reshape(shape)
     b_out = pred.out_proj.bias
     args = (
-        module.gate_proj.weight if cache.w_gate is None else cache.w_gate,
-        module.up_proj.weight if cache.w_up is None else cache.w_up,
+        w_gate,
+        w_up,
         cache.w_down_t,
         pred.in_proj.weight,
         pred.out_proj.weight,

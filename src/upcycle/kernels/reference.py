@@ -46,6 +46,36 @@ def predictor_logits(x: Tensor, w_in: Tensor, w_out: Tensor, b_out: Tensor | Non
     return F.linear(F.linear(x, w_in), w_out, b_out)
 
 
+def shadow_quantize(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest asymmetric min-max quantisation of groups of `group_size` inputs of w [out, in].
+
+    Returns (codes uint8 [out, in], scale [out, in / group], lo [out, in / group]); scale and lo are
+    rounded to bfloat16 (what a shadow stores) and returned as float32. w ~ codes * scale + lo.
+    """
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        raise ValueError(f"group_size={group_size} does not divide in_features={in_features}.")
+    wg = w.detach().float().reshape(out_features, in_features // group_size, group_size)
+    levels = 2**bits - 1
+    lo = wg.amin(-1).bfloat16().float()
+    scale = ((wg.amax(-1) - lo) / levels).clamp_min(1e-20).bfloat16().float()
+    q = (wg - lo[..., None]).div_(scale[..., None]).round_().clamp_(0, levels)
+    return q.to(torch.uint8).reshape(out_features, in_features), scale, lo
+
+
+def shadow_dequantize(codes: Tensor, scale: Tensor, lo: Tensor) -> Tensor:
+    """codes [out, in] (uint8), scale / lo [out, in / group] -> float32 weights [out, in]."""
+    out_features, in_features = codes.shape
+    n_groups = scale.shape[-1]
+    q = codes.float().reshape(out_features, n_groups, in_features // n_groups)
+    return (q * scale[..., None] + lo[..., None]).reshape(out_features, in_features)
+
+
+def shadow_scores(x: Tensor, gate_q: Tensor, up_q: Tensor) -> Tensor:
+    """Channel scores of a shadow predictor: |silu(x Gq^T) * (x Uq^T)|, [T, d] -> [T, d_ff]."""
+    return (F.silu(F.linear(x, gate_q)) * F.linear(x, up_q)).abs()
+
+
 def sparse_swiglu_reference(
     x: Tensor,
     w_gate: Tensor,

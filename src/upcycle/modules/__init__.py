@@ -6,9 +6,10 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from upcycle.modules.bank_sparse import BankSparseSwiGLU, DenseSwiGLU, LowRankPredictor
+from upcycle.modules.bank_sparse import BankSparseSwiGLU, DenseSwiGLU
+from upcycle.modules.predictors import LowRankPredictor, ShadowPredictor
 
-__all__ = ["BankSparseSwiGLU", "DenseSwiGLU", "LowRankPredictor", "sparse_ffns"]
+__all__ = ["BankSparseSwiGLU", "DenseSwiGLU", "LowRankPredictor", "ShadowPredictor", "sparse_ffns"]
 
 
 def sparse_ffns(model: nn.Module) -> Iterator[tuple[str, BankSparseSwiGLU]]:

@@ -1,7 +1,8 @@
 """The predictor-gated bank-wise sparse SwiGLU FFN, a drop-in for HF `*MLP` modules.
 
 The dense weights keep their Hugging Face names (`gate_proj`, `up_proj`, `down_proj`, plain
-`nn.Linear`); the predictor adds `predictor.in_proj` (d -> r) and `predictor.out_proj` (r -> d_ff).
+`nn.Linear`); a low-rank predictor adds `predictor.in_proj` (d -> r) and `predictor.out_proj`
+(r -> d_ff); a shadow predictor adds no tensors (it is derived from gate_proj / up_proj).
 """
 
 from __future__ import annotations
@@ -11,23 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upcycle.kernels.reference import bank_topk_mask
-
-
-class LowRankPredictor(nn.Module):
-    """Channel routing logits B(A(x)): [..., d] -> [..., d_ff]."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, rank: int, dtype=None, device=None):
-        super().__init__()
-        self.in_proj = nn.Linear(hidden_size, rank, bias=False, dtype=dtype, device=device)
-        self.out_proj = nn.Linear(rank, intermediate_size, bias=True, dtype=dtype, device=device)
-        nn.init.zeros_(self.out_proj.bias)
-
-    @property
-    def rank(self) -> int:
-        return self.in_proj.out_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out_proj(self.in_proj(x))
+from upcycle.modules.predictors import LowRankPredictor, ShadowPredictor
 
 
 class _MaskedSwiGLU(torch.autograd.Function):
@@ -214,12 +199,14 @@ class BankSparseSwiGLU(nn.Module):
         act_fn: nn.Module,
         bank_size: int,
         keep: int,
-        rank: int,
+        rank: int | None = None,
         gate_mode: str = "ste",
         ste_temperature: float = 1.0,
         sigmoid_scale_init: float = 0.1,
         layer_idx: int | None = None,
+        shadow: tuple[int, int] | None = None,
     ):
+        """`rank`: a low-rank predictor; `shadow=(bits, group_size)`: a low-bit shadow of gate/up instead."""
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
         self.hidden_size = gate_proj.in_features
@@ -228,9 +215,16 @@ class BankSparseSwiGLU(nn.Module):
         self.gate_mode, self.ste_temperature = gate_mode, ste_temperature
         self.layer_idx = layer_idx
         w = gate_proj.weight
-        self.predictor = LowRankPredictor(
-            self.hidden_size, self.intermediate_size, rank, dtype=w.dtype, device=w.device
-        )
+        if (rank is None) == (shadow is None):
+            raise ValueError("pass exactly one of rank (low-rank predictor) and shadow=(bits, group_size).")
+        if shadow is not None:
+            if gate_mode != "ste":
+                raise ValueError("a shadow predictor works with gate_mode='ste' only.")
+            self.predictor = ShadowPredictor(gate_proj, up_proj, *shadow)
+        else:
+            self.predictor = LowRankPredictor(
+                self.hidden_size, self.intermediate_size, rank, dtype=w.dtype, device=w.device
+            )
         if gate_mode == "sigmoid":
             self.gate_scale = nn.Parameter(torch.full((), sigmoid_scale_init, dtype=w.dtype, device=w.device))
         else:
@@ -252,7 +246,7 @@ class BankSparseSwiGLU(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer_idx}, bank_size={self.bank_size}, keep={self.keep}, "
-            f"rank={self.predictor.rank}, gate_mode={self.gate_mode}"
+            f"predictor={self.predictor.kind}, gate_mode={self.gate_mode}"
         )
 
     def routing_logits(self, x: Tensor) -> Tensor:
@@ -269,7 +263,7 @@ class BankSparseSwiGLU(nn.Module):
                 # Inference at keep == bank_size: the dense function, no predictor needed.
                 return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         g, u = self.gate_proj(x), self.up_proj(x)
-        if torch.is_grad_enabled() and self.mask_fn is None:
+        if torch.is_grad_enabled() and self.mask_fn is None and self.predictor.kind == "lowrank":
             # Training: the fused path never holds the [tokens, d_ff] logits in full (see _FusedMaskedSwiGLU).
             out = self.predictor.out_proj
             h, aux = _FusedMaskedSwiGLU.apply(
@@ -286,7 +280,8 @@ class BankSparseSwiGLU(nn.Module):
             else:
                 mask = bank_topk_mask(z, self.bank_size, self.keep)
         if self.record_aux:
-            self.aux_loss = self._oracle_aux_loss(g, u, z)
+            # A shadow has nothing to learn from the oracle BCE: it follows the FFN weights.
+            self.aux_loss = self._oracle_aux_loss(g, u, z) if z.requires_grad else z.new_zeros((), dtype=torch.float32)
         h = _MaskedSwiGLU.apply(g, u, z, mask, self.gate_scale, self.ste_temperature)
         return self.down_proj(h)
 

@@ -34,7 +34,8 @@ class TrainConfig:
     # --- on-the-fly conversion of a dense --model ---
     bank_size: int | None = _f(None, "convert a dense --model with this bank size (needs --keep)")
     keep: int | None = _f(None, "channels kept per bank when converting a dense --model")
-    predictor_rank: int | None = _f(None, "predictor rank when converting (default hidden/8 in [16, 256])")
+    predictor_budget: float = _f(0.10, "predictor bytes per token / dense FFN bytes, when converting (see convert)")
+    predictor_rank: int | None = _f(None, "pin a low-rank predictor of this rank when converting")
     gate_mode: Literal["ste", "sigmoid"] = _f("ste", "gate when converting: ste (hard 0/1) or sigmoid")
     # --- data ---
     seq_len: int = _f(2048, "tokens per packed training sequence")
@@ -64,6 +65,7 @@ class TrainConfig:
     # --- objective ---
     distill_weight: float = _f(1.0, "weight of KL(teacher || student) on logits; 0 turns distillation off")
     distill_temperature: float = _f(1.0, "softmax temperature of the distillation KL (scaled by T^2)")
+    feature_distill_weight: float = _f(0.0, "weight of the per-layer normalised MSE to the teacher's layer outputs")
     aux_weight: float = _f(0.0, "weight of the BCE pulling the predictor toward the oracle top-k of |h|")
     aux_steps: int = _f(0, "the aux weight decays linearly to 0 over this many steps (0: constant)")
     loss_chunk_tokens: int = _f(2048, "compute logits and losses this many tokens at a time (0: all at once)")
@@ -143,7 +145,8 @@ class TrainConfig:
                      "loss_chunk_tokens", "val_max_sequences"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (--{_flag(name)}).")
-        for name in ("distill_weight", "aux_weight", "weight_decay", "grad_clip", "predictor_lr_mult"):
+        for name in ("distill_weight", "feature_distill_weight", "aux_weight", "weight_decay", "grad_clip",
+                     "predictor_lr_mult"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (--{_flag(name)}).")
         if self.lr <= 0 or self.distill_temperature <= 0:

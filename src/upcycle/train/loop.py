@@ -114,8 +114,11 @@ def evaluate(objective: Objective, data: PackedData, cfg: TrainConfig, env: Dist
     return env.sum([total])[0] / (per_rank * env.world)
 
 
-def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Run (or resume) training as `cfg` says. `on_step(step, record)` is called after every step.
+def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None,
+          on_eval: Callable[[int, nn.Module], dict | None] | None = None) -> TrainResult:
+    """Run (or resume) training as `cfg` says. `on_step(step, record)` is called after every step;
+    `on_eval(step, model)` at every validation (eval mode, no grad, main process; under FSDP the model
+    is sharded) and may return extra metrics for metrics.jsonl (e.g. held-out perplexity).
 
     Under torchrun every process calls this; the process group is created here from the environment.
     """
@@ -124,7 +127,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     if not env.is_main:  # one copy of the log, from rank 0; warnings still come from every rank
         logging.getLogger("upcycle").setLevel(logging.WARNING)
     try:
-        return _Trainer(cfg, env).run(on_step)
+        return _Trainer(cfg, env).run(on_step, on_eval)
     finally:
         env.close()
 
@@ -168,10 +171,11 @@ class _Trainer:
             for n, p in student.named_parameters():
                 p.requires_grad_(n in keep)
         student.to(env.device)
-        self.objective = Objective(student, cfg.distill_weight, cfg.distill_temperature, cfg.loss_chunk_tokens)
+        self.objective = Objective(student, cfg.distill_weight, cfg.distill_temperature, cfg.loss_chunk_tokens,
+                                   cfg.feature_distill_weight)
 
         self.teacher, self.teacher_info = None, None
-        if cfg.distill_weight > 0:
+        if cfg.distill_weight > 0 or cfg.feature_distill_weight > 0:
             tdtype = DTYPES["bf16" if cfg.teacher_dtype == "auto" and env.device.type == "cuda" else
                             "fp32" if cfg.teacher_dtype == "auto" else cfg.teacher_dtype]
             before = torch.cuda.memory_allocated(env.device) if env.device.type == "cuda" else 0
@@ -236,17 +240,21 @@ class _Trainer:
         aux_w = aux_weight_at(step, cfg.aux_weight, cfg.aux_steps) if self.sparse else 0.0
         record_aux(objective.model, aux_w > 0)
         head = self.teacher.get_output_embeddings() if self.teacher is not None else None
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(5, dtype=torch.float64)
+        features = cfg.feature_distill_weight > 0
         for micro in range(cfg.grad_accum):
             ids = self.data.micro_batch(self.state["consumed"], self.global_batch, env.rank, micro,
                                         cfg.batch_size, cfg.grad_accum).to(env.device)
             if env.world > 1:  # reduce-scatter gradients once per step, not per micro-batch
                 objective.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             with _autocast(env.device, self.bf16):
-                th = teacher_hidden_states(self.teacher, ids) if self.teacher is not None else None
-                parts = objective(ids, th, head, aux_w)
+                th = teacher_hidden_states(self.teacher, ids, features) if self.teacher is not None else None
+                tf = None
+                if features:
+                    th, tf = th
+                parts = objective(ids, th, head, aux_w, tf)
             (parts["loss"] / cfg.grad_accum).backward()
-            sums += torch.stack([parts[k].detach().double().cpu() for k in ("loss", "ce", "kl", "aux")])
+            sums += torch.stack([parts[k].detach().double().cpu() for k in ("loss", "ce", "kl", "aux", "feat")])
         record_aux(objective.model, False)
         params = [p for p in objective.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -255,7 +263,7 @@ class _Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, ce, kl, aux = env.mean((sums / cfg.grad_accum).tolist())
+        loss, ce, kl, aux, feat = env.mean((sums / cfg.grad_accum).tolist())
         record = {"loss": loss, "ce": ce, "lr": cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps,
                                                                    cfg.min_lr_ratio),
                   "keep": keep, "grad_norm": float(grad_norm)}
@@ -263,10 +271,12 @@ class _Trainer:
             record["kl"] = kl
         if aux_w > 0:
             record["aux"], record["aux_weight"] = aux, aux_w
+        if features:
+            record["feat"] = feat
         return record
 
     # ------------------------------------------------------------------ the loop
-    def run(self, on_step) -> TrainResult:
+    def run(self, on_step, on_eval=None) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg, env = self.cfg, self.env
@@ -291,6 +301,13 @@ class _Trainer:
                 last = step + 1 == cfg.steps
                 if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
                     record["val_loss"] = self.last_val = evaluate(self.objective, self.data, cfg, env, self.bf16)
+                    if on_eval is not None and env.is_main:
+                        model = self.objective.model
+                        was_training = model.training
+                        model.eval()
+                        with torch.no_grad():
+                            record.update(on_eval(step + 1, model) or {})
+                        model.train(was_training)
                 result.losses[step + 1] = record["loss"]
                 if (step + 1) % cfg.log_every == 0 or last or "val_loss" in record:
                     self.metrics.log(record)

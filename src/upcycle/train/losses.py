@@ -60,40 +60,60 @@ def lm_losses(hidden: Tensor, head: nn.Linear, input_ids: Tensor, teacher_hidden
     return ce / n, kl / n
 
 
+def feature_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...]) -> Tensor:
+    """Mean over layers of ||s - t||^2 / ||t||^2 (SquareHead-style normalised MSE of each layer's output)."""
+    if len(student) != len(teacher):
+        raise ValueError(f"student has {len(student)} layer outputs, teacher {len(teacher)}: same architecture needed.")
+    terms = [(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-8)
+             for s, t in zip(student, teacher, strict=True)]
+    return torch.stack(terms).mean()
+
+
 class Objective(nn.Module):
-    """forward(input_ids, teacher_hidden, teacher_head, aux_weight) -> {'loss', 'ce', 'kl', 'aux'}.
+    """forward(input_ids, teacher_hidden, teacher_head, aux_weight, teacher_features) -> {'loss', 'ce', 'kl', 'aux',
+    'feat'}. `teacher_features`: the teacher's per-layer outputs, for `feature_weight` > 0.
 
     With aux_weight > 0 the sparse FFNs must have `record_aux` set for the whole forward + backward
     (see `record_aux`): activation checkpointing replays the forward and must see the same flag.
     """
 
     def __init__(self, model: nn.Module, distill_weight: float = 0.0, temperature: float = 1.0,
-                 chunk_tokens: int = 2048):
+                 chunk_tokens: int = 2048, feature_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.distill_weight = distill_weight
+        self.feature_weight = feature_weight
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens
 
     def forward(self, input_ids: Tensor, teacher_hidden: Tensor | None = None,
-                teacher_head: nn.Linear | None = None, aux_weight: float = 0.0) -> dict[str, Tensor]:
-        hidden = self.model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+                teacher_head: nn.Linear | None = None, aux_weight: float = 0.0,
+                teacher_features: tuple[Tensor, ...] | None = None) -> dict[str, Tensor]:
+        want_features = teacher_features is not None and self.feature_weight > 0
+        out = self.model.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=want_features)
+        hidden = out.last_hidden_state
         ce, kl = lm_losses(hidden, self.model.get_output_embeddings(), input_ids, teacher_hidden, teacher_head,
                            self.temperature, self.chunk_tokens)
         loss = ce + self.distill_weight * kl if teacher_hidden is not None else ce
+        feat = ce.new_zeros(())
+        if want_features:
+            feat = feature_loss(out.hidden_states[1:], teacher_features)
+            loss = loss + self.feature_weight * feat
         aux = ce.new_zeros(())
         if aux_weight > 0 and torch.is_grad_enabled():
             modules = [m for _, m in sparse_ffns(self.model)]
             if modules:
                 aux = torch.stack([m.aux_loss for m in modules]).mean()
                 loss = loss + aux_weight * aux
-        return {"loss": loss, "ce": ce.detach(), "kl": kl.detach(), "aux": aux.detach()}
+        return {"loss": loss, "ce": ce.detach(), "kl": kl.detach(), "aux": aux.detach(), "feat": feat.detach()}
 
 
 @torch.no_grad()
-def teacher_hidden_states(teacher: nn.Module, input_ids: Tensor) -> Tensor:
-    """The frozen teacher's final hidden states [B, L, d] (its logits are formed chunk-wise in the loss)."""
-    return teacher.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+def teacher_hidden_states(teacher: nn.Module, input_ids: Tensor, features: bool = False):
+    """The frozen teacher's final hidden states [B, L, d] (its logits are formed chunk-wise in the loss);
+    with `features`, (final, per-layer outputs) for the feature loss."""
+    out = teacher.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=features)
+    return (out.last_hidden_state, tuple(out.hidden_states[1:])) if features else out.last_hidden_state
 
 
 def record_aux(model: nn.Module, on: bool) -> None:

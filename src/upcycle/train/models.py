@@ -67,8 +67,9 @@ def build_student(cfg) -> tuple[nn.Module, torch.dtype]:
                     "--bank-size/--keep or pass the dense checkpoint."
                 )
         else:
-            sparse = upcycle.BankSparseConfig(bank_size=cfg.bank_size, keep=cfg.keep, predictor_rank=cfg.predictor_rank,
-                                              gate_mode=cfg.gate_mode, predictor_init="svd")
+            sparse = upcycle.BankSparseConfig(
+                bank_size=cfg.bank_size, keep=cfg.keep, predictor_rank=cfg.predictor_rank,
+                predictor_budget=cfg.predictor_budget, gate_mode=cfg.gate_mode, predictor_init="svd")
             upcycle.convert(model, sparse, progress=False)
     elif not converted:
         log.warning("%s is a dense model: training it densely (a matched-token dense control). Convert it first "

