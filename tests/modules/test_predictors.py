@@ -24,14 +24,17 @@ def _ffn(d=128, d_ff=512, shadow=(4, 32)):
 def test_fake_quantize_uses_at_most_2_pow_bits_levels_per_group(bits):
     w = torch.randn(48, 96)
     q = fake_quantize(w, bits, 32)
-    for group in q.reshape(48, 3, 32).reshape(-1, 32):
+    for group in q.reshape(-1, 32):
         assert len(torch.unique(group)) <= 2**bits
-    # round to nearest: every weight within half a step of its group's grid (plus the bf16 rounding
-    # of the stored scale and minimum)
     g = w.reshape(-1, 32)
+    # never worse than plain min-max round-to-nearest (the first clipping candidate), up to the bf16
+    # rounding of the stored scale and minimum
     step = (g.amax(-1) - g.amin(-1)) / (2**bits - 1)
-    slack = step * 2**bits / 128 + g.amin(-1).abs() / 128
-    assert ((q.reshape(-1, 32) - g).abs() <= (step / 2 + slack)[:, None]).all()
+    minmax = ((g - g.amin(-1, keepdim=True)) / step[:, None]).round() * step[:, None] + g.amin(-1, keepdim=True)
+    got, plain = (q.reshape(-1, 32) - g).pow(2).sum(-1), (minmax - g).pow(2).sum(-1)
+    if bits < 6:  # (at 8 bits the bf16 minimum's rounding is a fair part of a step)
+        assert got.sum() <= plain.sum() * 1.03
+        assert got.sum() < (0.9 if bits == 2 else 1.0) * plain.sum()  # clipping pays on Gaussian weights
 
 
 def test_fake_quantize_error_falls_with_bits():
