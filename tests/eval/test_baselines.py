@@ -76,3 +76,9 @@ def test_errors():
     with pytest.raises(ValueError, match="trained checkpoint"):
         baselines.apply(model, "upcycled")
     assert baselines.apply(model, "dense") is model and not any(sparse_ffns(model))
+
+
+def test_predictor_baselines_stay_low_rank_where_the_default_is_a_shadow():
+    model = tiny_model("llama", hidden_size=128, intermediate_size=512, vocab_size=128)
+    baselines.apply(model, "posthoc-svd", BankSparseConfig())
+    assert {m.predictor.kind for _, m in sparse_ffns(model)} == {"lowrank"}

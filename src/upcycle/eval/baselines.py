@@ -134,6 +134,8 @@ def apply(
         raise ValueError(f"{name!r} is a trained checkpoint ({BASELINES[name]}), not a post-hoc recipe.")
     if name in NEEDS_CALIBRATION and calibration_ids is None:
         raise ValueError(f"baseline {name!r} needs calibration_ids (token ids [N, L] of held-out calibration text).")
+    if name in ("posthoc-predictor", "posthoc-svd"):  # these are the low-rank predictor's baselines
+        config = dataclasses.replace(config, predictor="lowrank")
     if name == "posthoc-predictor":
         already = any(True for _ in sparse_ffns(model))
         modules = _sparse(model, dataclasses.replace(config, predictor_init="calibrate"), "calibrate",

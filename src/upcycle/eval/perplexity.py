@@ -57,7 +57,10 @@ def load_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | 
     if Path(src).is_dir() and not any((Path(src) / f).exists() for f in TOKENIZER_FILES):
         raise ValueError(f"{src} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {fix}")
     try:
-        tok = AutoTokenizer.from_pretrained(src)
+        if Path(src).suffix == ".gguf":  # the tokenizer travels inside the GGUF file
+            tok = AutoTokenizer.from_pretrained(Path(src).parent, gguf_file=Path(src).name)
+        else:
+            tok = AutoTokenizer.from_pretrained(src)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"no usable tokenizer in {src} ({type(e).__name__}: {first}): {fix}") from e
