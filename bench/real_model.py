@@ -139,12 +139,18 @@ def scorers(args) -> None:
     recall_ids = calib[-4:]  # recall on 1K tokens of the training text's end; calibration uses the rest
     calib = calib[:-4]
     variants = [("dense", None), ("posthoc-magnitude", None)]
-    variants += [(f"shadow-{b}bit", {"predictor": "shadow", "shadow_bits": b, "predictor_budget": 1.0})
-                 for b in args.bits]
+    # what `upcycle convert --predictor-budget F` builds, before any training
+    variants += [(f"convert-budget-{f}", {"predictor_budget": f, "predictor_init": "calibrate"})
+                 for f in args.budgets]
+    variants += [(f"shadow-{b}bit-g32", {"predictor": "shadow", "shadow_bits": b, "shadow_group_size": 32,
+                                         "predictor_budget": 1.0}) for b in args.bits]
     variants += [(f"lowrank-{f}-svd", {"predictor": "lowrank", "predictor_budget": f, "predictor_init": "svd"})
                  for f in args.lowrank_budgets]
     variants += [(f"lowrank-{f}-calibrated", {"predictor": "lowrank", "predictor_budget": f,
                                               "predictor_init": "calibrate"}) for f in args.lowrank_budgets]
+    for _, spec in variants:
+        if spec:
+            spec["calibrate_steps"] = args.calib_steps
     if args.only:
         variants = [v for v in variants if v[0] in args.only.split(",")]
     rows = []
@@ -163,9 +169,9 @@ def scorers(args) -> None:
         row = {"method": name, "kind": "training-free", "ppl": ppl, "predictor_bytes": bytes_fraction,
                "ffn_density": ppl.pop("ffn_density"), "recall": recall_of(model, recall_ids),
                "prepare_s": prep, "train_tokens": 0}
-        if spec and spec.get("predictor") == "shadow":
-            m = next(m for _, m in upcycle.modules.sparse_ffns(model))
-            row["shadow_group_size"] = m.predictor.group_size
+        if spec:
+            p = next(m for _, m in upcycle.modules.sparse_ffns(model)).predictor
+            row["predictor"] = p.kind + (f" {p.bits}-bit g{p.group_size}" if p.kind == "shadow" else f" rank {p.rank}")
         rows.append(row)
         print(json.dumps(row), flush=True)
         add_rows([row])
@@ -231,7 +237,11 @@ def train_run(args) -> None:
     model = upcycle.load(result.model_dir)
     sparse = any(True for _ in sparse_ffns(model))
     recall_ids = token_windows(tok, read_texts(train_dir), 256, args.calib_tokens // 256)[-4:]
-    row = {"method": args.name, "kind": "trained", "ppl": curve[-1]["ppl"], "ffn_density": curve[-1]["ffn_density"],
+    pred = next((m.predictor for _, m in sparse_ffns(model)), None)
+    desc = "" if pred is None else pred.kind + (f" {pred.bits}-bit g{pred.group_size}" if pred.kind == "shadow"
+                                                 else f" rank {pred.rank}")
+    row = {"method": args.name, "kind": "trained", "predictor": desc, "ppl": curve[-1]["ppl"],
+           "ffn_density": curve[-1]["ffn_density"],
            "predictor_bytes": predictor_bytes_fraction(model) if sparse else 0.0,
            "recall": recall_of(model, recall_ids) if sparse else None, "train_tokens": result.step * 512,
            "convert_s": convert_s, "total_s": total_s, "curve": curve,
@@ -250,15 +260,19 @@ def report(args) -> None:
              "Held-out: the last 15% of WikiText-2 test and of TinyStories validation (first "
              f"{args.eval_windows} x 512-token windows each); training/calibration text: the first 85%.",
              "ppl / dense per corpus; predictor bytes = bytes the predictor reads per token / dense FFN 16-bit "
-             "bytes; FFN bytes = kept rows (density) + predictor; recall = of the oracle top-16-of-64 by |h|.", "",
-             "| method | kind | " + " | ".join(f"{c} ppl | x dense" for c in corpora)
+             "bytes; FFN bytes = kept rows (density) + predictor; recall = of the oracle top-16-of-64 by |h|.",
+             "The parent is a Q4_1 GGUF (4-bit weights in groups of 32 with a scale and a minimum): a 4-bit "
+             "shadow with groups of 32 reproduces its weights exactly, so that row equals the oracle here; it "
+             "would not on a 16-bit parent.", "",
+             "| method | kind | predictor | " + " | ".join(f"{c} ppl | x dense" for c in corpora)
              + " | FFN density | predictor bytes | FFN bytes | recall | train tokens | wall |",
-             "|---|---|" + "---|---|" * len(corpora) + "---|---|---|---|---|---|"]
+             "|---|---|---|" + "---|---|" * len(corpora) + "---|---|---|---|---|---|"]
     for name, r in rows.items():
         cells = " | ".join(f"{r['ppl'][c]:.2f} | {r['ppl'][c] / dense[c]:.3f}" for c in corpora)
         wall = r.get("total_s") or r.get("prepare_s") or 0
         rec = "" if r.get("recall") is None else f"{r['recall']:.3f}"
-        lines.append(f"| {name} | {r['kind']} | {cells} | {r['ffn_density']:.3f} | {r['predictor_bytes']:.3f} | "
+        lines.append(f"| {name} | {r['kind']} | {r.get('predictor', '')} | {cells} | {r['ffn_density']:.3f} | "
+                     f"{r['predictor_bytes']:.3f} | "
                      f"{r['ffn_density'] + r['predictor_bytes'] if name != 'dense' else 1.0:.3f} | {rec} | "
                      f"{r['train_tokens']} | {wall / 60:.1f} min |")
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows.values() if r.get("command")]
@@ -312,8 +326,10 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/upcycle/real_model"))
     ap.add_argument("--eval-windows", type=int, default=8, help="512-token held-out windows per corpus")
     ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
-    ap.add_argument("--lowrank-budgets", type=float, nargs="+", default=[0.05, 0.10])
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.10, 0.2, 0.35])
+    ap.add_argument("--calib-steps", type=int, default=100, help="low-rank predictor calibration steps")
+    ap.add_argument("--lowrank-budgets", type=float, nargs="+", default=[0.10])
     ap.add_argument("--only", default="", help="scorers: comma-separated rows to (re)measure")
     ap.add_argument("--name", default="default")
     ap.add_argument("--dense", action="store_true", help="train the dense parent (matched-token control)")
