@@ -275,6 +275,12 @@ def report(args) -> None:
                      f"{r['predictor_bytes']:.3f} | "
                      f"{r['ffn_density'] + r['predictor_bytes'] if name != 'dense' else 1.0:.3f} | {rec} | "
                      f"{r['train_tokens']} | {wall / 60:.1f} min |")
+    lines += ["", "Held-out ppl / dense during training (wikitext2, tinystories); step 0 is the converted model:", ""]
+    for name, r in rows.items():
+        if r.get("curve"):
+            pts = ", ".join(f"step {p['step']}: {p['ppl'][corpora[0]] / dense[corpora[0]]:.3f} / "
+                            f"{p['ppl'][corpora[-1]] / dense[corpora[-1]]:.3f}" for p in r["curve"])
+            lines.append(f"- {name}: {pts}")
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows.values() if r.get("command")]
     lines += ["- `python bench/real_model.py scorers` (training-free rows)", ""]
     (RESULTS / "real_model.md").write_text("\n".join(lines))
