@@ -122,19 +122,25 @@ def add_rows(rows: list[dict]) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
-# ---------------------------------------------------------------------------------------------- scorers
-def scorers(args) -> None:
-    import upcycle
-    from upcycle.convert import predictor_bytes_fraction
-    from upcycle.eval import baselines
+def setup(args):
+    """(work dir, training text dir, dense checkpoint dir, tokenizer, held-out evaluator)."""
     from upcycle.io import load_pretrained
-    from upcycle.text import read_texts, token_windows
 
     work = Path(args.work)
     train_dir, held = split_texts(work)
     base = dense_dir(work)
     _, tok = load_pretrained(base)
-    evaluator = HeldOut(tok, held, args.eval_windows)
+    return work, train_dir, base, tok, HeldOut(tok, held, args.eval_windows)
+
+
+# ---------------------------------------------------------------------------------------------- scorers
+def scorers(args) -> None:
+    import upcycle
+    from upcycle.convert import predictor_bytes_fraction
+    from upcycle.eval import baselines
+    from upcycle.text import read_texts, token_windows
+
+    work, train_dir, base, tok, evaluator = setup(args)
     calib = token_windows(tok, read_texts(train_dir), 256, args.calib_tokens // 256)
     recall_ids = calib[-4:]  # recall on 1K tokens of the training text's end; calibration uses the rest
     calib = calib[:-4]
@@ -180,15 +186,10 @@ def scorers(args) -> None:
 # ---------------------------------------------------------------------------------------------- train
 def train_run(args) -> None:
     from upcycle.cli import main as cli
-    from upcycle.io import load_pretrained
     from upcycle.train import train
     from upcycle.train.config import TrainConfig
 
-    work = Path(args.work)
-    train_dir, held = split_texts(work)
-    base = dense_dir(work)
-    _, tok = load_pretrained(base)
-    evaluator = HeldOut(tok, held, args.eval_windows)
+    work, train_dir, base, tok, evaluator = setup(args)
     run_dir = Path(tempfile.mkdtemp(prefix=f"{args.name}-", dir=work))
     t0 = time.perf_counter()
     if args.dense:
