@@ -1,17 +1,21 @@
 """Channel scorers of the bank-sparse FFN: a learned low-rank predictor and a low-bit shadow of gate/up.
 
 Both map x [..., d] to scores [..., d_ff]; only the order of the scores inside each bank matters.
-`bytes_fraction` is what a scorer reads per token as a fraction of the dense FFN's 16-bit weight bytes
-(3 * d * d_ff * 2): the price the `predictor_budget` knob caps.
+`lowrank_bytes_fraction` / `shadow_bytes_fraction`: what a scorer reads per token as a fraction of the
+dense FFN's 16-bit weight bytes (3 * d * d_ff * 2), the price the `predictor_budget` knob caps.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upcycle.kernels.reference import shadow_dequantize, shadow_quantize
+
+log = logging.getLogger(__name__)
 
 # Per quantisation group a shadow stores a 16-bit scale and a 16-bit zero point.
 SHADOW_GROUP_OVERHEAD_BITS = 32
@@ -64,17 +68,20 @@ def choose_predictor(budget: float, hidden_size: int, intermediate_size: int, ki
             fits = [g for g in groups if shadow_bytes_fraction(b, g) <= budget + 1e-9]
             if fits:
                 return {"predictor": "shadow", "shadow_bits": b, "shadow_group_size": fits[0]}
-            if bits:  # the user fixed the bits: take the largest group, say so if over budget
+            if bits:  # the user fixed the bits: take the largest group, over budget if need be
+                log.warning("shadow_bits=%d reads %.3f of the dense FFN's bytes, over predictor_budget=%s",
+                            b, shadow_bytes_fraction(b, groups[-1]), budget)
                 return {"predictor": "shadow", "shadow_bits": b, "shadow_group_size": groups[-1]}
         if kind == "shadow":
             raise ValueError(f"predictor_budget={budget} is below a 2-bit shadow's "
                              f"{shadow_bytes_fraction(2, groups[-1]):.3f}: raise the budget or use a low-rank "
                              "predictor (predictor='lowrank').")
-    per_rank = (hidden_size + intermediate_size) / (3 * hidden_size * intermediate_size)
-    rank = int((budget - 1 / (3 * hidden_size)) / per_rank)
+    # lowrank_bytes_fraction solved for the rank
+    rank = int((budget * 3 * hidden_size * intermediate_size - intermediate_size) / (hidden_size + intermediate_size))
     if rank < 1:
-        raise ValueError(f"predictor_budget={budget} fits no predictor for hidden={hidden_size}, "
-                         f"d_ff={intermediate_size}: raise it (rank 1 needs {per_rank + 1 / (3 * hidden_size):.4f}).")
+        raise ValueError(f"predictor_budget={budget} fits no predictor for hidden={hidden_size}, d_ff="
+                         f"{intermediate_size}: raise it (rank 1 needs "
+                         f"{lowrank_bytes_fraction(hidden_size, intermediate_size, 1):.4f}).")
     return {"predictor": "lowrank", "predictor_rank": rank}
 
 
