@@ -170,9 +170,20 @@ def make_providers(args, copies: list[BankSparseSwiGLU]) -> dict:
             with dispatch.use_kernels("fused", "split"):
                 return twins[id(m)](x)
 
-        providers[f"sparse-fused-shadow{bits}"] = shadow_fn
-        SHADOW_BYTES[f"sparse-fused-shadow{bits}"] = lambda d, d_ff, bits=bits, group=group: (
-            2 * d * d_ff * (2 if bits <= 2 else 4 if bits <= 4 else 8) / 8 + 4 * 2 * d_ff * d / group)
+        def shadow_float_fn(m, x, shadow_fn=shadow_fn):
+            os.environ["UPCYCLE_SHADOW_FLOAT_DOTS"] = "1"  # the C kernel reads it on every call
+            try:
+                return shadow_fn(m, x)
+            finally:
+                del os.environ["UPCYCLE_SHADOW_FLOAT_DOTS"]
+
+        variants = {"": shadow_fn}
+        if args.shadow_float_dots and copies[0].gate_proj.weight.device.type == "cpu":
+            variants["-floatdots"] = shadow_float_fn
+        for suffix, fn in variants.items():
+            providers[f"sparse-fused-shadow{bits}{suffix}"] = fn
+            SHADOW_BYTES[f"sparse-fused-shadow{bits}{suffix}"] = lambda d, d_ff, bits=bits, group=group: (
+                2 * d * d_ff * (2 if bits <= 2 else 4 if bits <= 4 else 8) / 8 + 4 * 2 * d_ff * d / group)
     if args.bundle:
         providers["sparse-fused-bundle"] = run_mode("fused", "bundle")
     if not args.no_torch_path:
@@ -511,7 +522,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-torch-path", action="store_true", help="skip the torch-ops (embedding_bag) gather path")
     p.add_argument("--torch-path-max-batch", type=int, default=4, help="time the torch-ops path up to this batch")
     p.add_argument("--shadow-bits", type=int, nargs="*", default=[],
-                   help="also time the fused path with a shadow predictor of these bits (CPU)")
+                   help="also time the fused (C or Triton) path with a shadow predictor of these bits")
+    p.add_argument("--shadow-float-dots", action="store_true",
+                   help="CPU: also time the shadow with the float dots instead of the int16 (AVX2) ones")
     p.add_argument("--predictor", choices=["lowrank", "shadow"], default="lowrank", help="e2e model's predictor")
     p.add_argument("--predictor-budget", type=float, default=0.10, help="e2e: the shadow's budget")
     p.add_argument("--no-ffn", action="store_true")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from upcycle.kernels import cpu
+from upcycle.kernels.packing import pack_codes, pack_shadow
 from upcycle.kernels.reference import bank_topk_indices, predictor_logits, sparse_swiglu_reference
 
 # Relative (Frobenius) error bound of the output per weight dtype; the kernel accumulates in fp32.
@@ -139,6 +140,19 @@ def test_fused_helper_threads_and_concurrent_callers():
 
 
 @needs_fused
+@pytest.mark.parametrize("T", [1, 4])
+def test_fused_is_bitwise_deterministic_across_thread_counts(T):
+    """Same input, same bits out, whatever the thread count: the thread chooser changes it per call,
+    so otherwise repeated `generate` calls (and a save/load round trip) would differ in the last bits."""
+    d, d_ff, r = 64, 2048, 16
+    w = _weights(d, d_ff, r, torch.float32)
+    args = (w["w_gate"], w["w_up"], w["w_down"].t().contiguous(), w["w_in"], w["w_out"], w["b_out"], 64, 16)
+    x = torch.randn(T, d)
+    ys = [cpu.fused_sparse_decode(x, *args, num_threads=n) for n in (1, 2, 3, 1, 2, 5)]
+    assert all(torch.equal(y, ys[0]) for y in ys[1:])
+
+
+@needs_fused
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_fused_after_fork():
     """A forked child has no helper threads: the kernel must notice and start its own."""
@@ -158,9 +172,12 @@ def test_fused_after_fork():
 
 @needs_fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bits,group", [(2, 96), (3, 32), (4, 48), (8, 96), (2, 32)])
+@pytest.mark.parametrize("bits,group", [(2, 96), (3, 32), (4, 48), (8, 96), (2, 32), (2, 48)])
 @pytest.mark.parametrize("T", [1, 5])
-def test_fused_shadow_matches_reference(T, bits, group, dtype):
+@pytest.mark.parametrize("dots", ["int16", "float"])  # int16: the AVX2 path where the CPU has it
+def test_fused_shadow_matches_reference(T, bits, group, dtype, dots, monkeypatch):
+    if dots == "float":
+        monkeypatch.setenv("UPCYCLE_SHADOW_FLOAT_DOTS", "1")
     from upcycle.kernels.reference import (
         shadow_dequantize,
         shadow_quantize,
@@ -171,7 +188,7 @@ def test_fused_shadow_matches_reference(T, bits, group, dtype):
     d, d_ff, bank, keep = 192, 384, 64, 16
     w = _weights(d, d_ff, 4, dtype)
     x = torch.randn(T, d).to(dtype)
-    pack = cpu.pack_shadow(w["w_gate"], w["w_up"], bits, group)
+    pack = pack_shadow(w["w_gate"], w["w_up"], bits, group)
     assert pack.container_bits == (2 if bits == 2 else 4 if bits <= 4 else 8)
     idx = torch.full((T, d_ff // bank * keep), -1, dtype=torch.int32)
     out = torch.full((T, d), float("nan"))
@@ -189,7 +206,7 @@ def test_fused_shadow_matches_reference(T, bits, group, dtype):
 
 def test_pack_codes_layout():
     codes = torch.randint(0, 4, (3, 64), dtype=torch.uint8)
-    packed = cpu.pack_codes(codes, 2, 32)
+    packed = pack_codes(codes, 2, 32)
     assert packed.shape == (3, 16)
     # byte k of group g holds inputs g*32 + k + 8p at bits 2p
     for g in range(2):
@@ -197,3 +214,17 @@ def test_pack_codes_layout():
             for p in range(4):
                 got = (packed[:, g * 8 + k] >> (2 * p)) & 3
                 assert torch.equal(got, codes[:, g * 32 + k + 8 * p])
+
+
+def test_unpack_inverts_pack_and_unpack_shadow_matches_the_quantiser():
+    from upcycle.kernels.packing import unpack_codes, unpack_shadow
+    from upcycle.kernels.reference import shadow_dequantize, shadow_quantize
+
+    for bits, group in [(2, 32), (3, 48), (4, 16), (8, 24)]:
+        codes = torch.randint(0, 2**bits, (5, 96), dtype=torch.uint8)
+        cb = 2 if bits == 2 else 4 if bits <= 4 else 8
+        assert torch.equal(unpack_codes(pack_codes(codes, bits, group), cb, group), codes)
+        w = torch.randn(7, 96)
+        gq, uq = unpack_shadow(pack_shadow(w, 2 * w, bits, group))
+        assert torch.equal(gq, shadow_dequantize(*shadow_quantize(w, bits, group)))
+        assert torch.equal(uq, shadow_dequantize(*shadow_quantize(2 * w, bits, group)))

@@ -191,15 +191,29 @@ def test_generate_matches_reference_generate(arch, mode):
 
 @pytest.mark.skipif(not os.environ.get("UPCYCLE_SLOW_TESTS"), reason="compiles (~10-60 s); set UPCYCLE_SLOW_TESTS=1")
 @pytest.mark.skipif(cpu._compiler() is None, reason="no C compiler: fused CPU kernel not built")
-def test_torch_compile_fullgraph_uses_fused_op():
-    m = _module(mode="sigmoid")
+@pytest.mark.parametrize("predictor", ["lowrank", "shadow"])
+def test_torch_compile_fullgraph_uses_fused_op(predictor):
+    if predictor == "shadow":
+        lin = lambda i, o: nn.Linear(i, o, bias=False)  # noqa: E731
+        m = BankSparseSwiGLU(lin(64, 256), lin(64, 256), lin(256, 64), nn.SiLU(), 64, 16, shadow=(2, 32)).eval()
+    else:
+        m = _module(mode="sigmoid")
     dispatch.prepare(m)  # builds the cache and the library outside the compiled graph
     x = torch.randn(2, 1, 64)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
     with torch.no_grad():
         y = torch.compile(m, fullgraph=True)(x)
+        torch.compile(m, fullgraph=True, backend=recording_backend)(x)
         with dispatch.use_kernels("reference"):
             ref = m(x)
     assert _close(y, ref)
+    op = "bank_sparse_shadow_decode_cpu" if predictor == "shadow" else "bank_sparse_decode_cpu"
+    assert graphs and op in graphs[0]
 
 
 @pytest.mark.skipif(cpu._compiler() is None, reason="no C compiler: fused CPU kernel not built")
@@ -218,3 +232,9 @@ def test_shadow_decode_takes_the_fused_path_and_matches_reference(bits):
     assert _close(fast, ref)
     dispatch.release(m)
     assert dispatch._SHADOW_ATTR not in m.__dict__
+    # the op torch.compile sees runs the same kernel
+    pack = dispatch._shadow_pack(m)
+    w_dt = dispatch._cache(m, "split").w_down_t
+    y_op = cpu.shadow_sparse_decode_op(x.reshape(1, 128), m.gate_proj.weight, m.up_proj.weight, w_dt, *pack.tensors(),
+                                       pack.container_bits, pack.group_size, 64, 16)
+    assert torch.equal(y_op, fast.reshape(1, 128))

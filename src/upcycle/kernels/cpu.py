@@ -26,14 +26,14 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from upcycle.kernels.reference import bank_topk_indices, predictor_logits, shadow_quantize
+from upcycle.kernels.packing import ShadowPack
+from upcycle.kernels.reference import bank_topk_indices, predictor_logits
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ typedef struct {
     const uint8_t *qg, *qu;
     const uint16_t *sg, *lg, *su, *lu;
     int cb, G;
+    int16_t *xq;  /* x quantised per group to int16 for the integer shadow dots, or NULL (float dots) */
 } args_t;
 
 /* One row of a shadow: x . (codes * scale + lo) over d inputs. Codes are packed per group of G
@@ -139,6 +140,73 @@ static inline float qdot(const uint8_t *P, const float *restrict x, const float 
     return cb == 2 ? qdot2(P, x, xs, sc, lo, d, G) : cb == 4 ? qdot4(P, x, xs, sc, lo, d, G)
                                                              : qdot8(P, x, xs, sc, lo, d, G);
 }
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define SHADOW_INT16 1
+/* The same dot in integers: x quantised per group to int16 (scale sx = max|x| / 32767: rounding
+   errors ~1e-5 of the group's largest |x|; on SmolLM2's FFN inputs the kept channels equal the
+   float scores' 99.99%), codes widened from bytes to int16 lanes, _mm256_madd_epi16 doing 16
+   multiply-adds per instruction with no int-to-float conversion per weight: about twice the float
+   path's rate. Exact int32 sums for groups of up to 2048 inputs (8-bit codes: 2 * 255 * 32767 per
+   lane and step). */
+typedef int16_t i16x16 __attribute__((vector_size(32)));
+typedef int16_t i16x8 __attribute__((vector_size(16)));
+#define QDOT16(CB)                                                                                       \
+static float qdot16_##CB(const uint8_t *P, const int16_t *xq, const float *sx, const float *xs,         \
+                         const uint16_t *sc, const uint16_t *lo, int d, int G) {                          \
+    enum { PPB = 8 / CB, M = (1 << CB) - 1 };                                                             \
+    const int gb = G / PPB, ng = d / G;                                                                  \
+    v8 accf = splat(0.f);                                                                                \
+    float rest = 0.f;                                                                                    \
+    for (int g = 0; g < ng; g++) {                                                                       \
+        const uint8_t *pg = P + (size_t)g * gb;                                                          \
+        const int16_t *xg = xq + (size_t)g * G;                                                          \
+        __m256i acc = _mm256_setzero_si256();                                                            \
+        __m128i acc4 = _mm_setzero_si128();                                                              \
+        int k = 0;                                                                                       \
+        for (; k + 16 <= gb; k += 16) {                                                                  \
+            i16x16 b = (i16x16)_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(pg + k)));        \
+            for (int p = 0; p < PPB; p++)                                                                \
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16((__m256i)((b >> (CB * p)) & M),            \
+                                           _mm256_loadu_si256((const __m256i *)(xg + p * gb + k))));     \
+        }                                                                                                \
+        for (; k + 8 <= gb; k += 8) {                                                                    \
+            i16x8 b = (i16x8)_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(pg + k)));             \
+            for (int p = 0; p < PPB; p++)                                                                \
+                acc4 = _mm_add_epi32(acc4, _mm_madd_epi16((__m128i)((b >> (CB * p)) & M),               \
+                                         _mm_loadu_si128((const __m128i *)(xg + p * gb + k))));          \
+        }                                                                                                \
+        int st = 0;                                                                                      \
+        for (; k < gb; k++)                                                                              \
+            for (int p = 0; p < PPB; p++) st += ((pg[k] >> (CB * p)) & M) * xg[p * gb + k];              \
+        acc = _mm256_add_epi32(acc, _mm256_inserti128_si256(_mm256_setzero_si256(), acc4, 0));          \
+        float w = bf16f(sc[g]) * sx[g];                                                                  \
+        v8 af; __m256 cf = _mm256_cvtepi32_ps(acc); memcpy(&af, &cf, sizeof af);                         \
+        accf += af * splat(w);                                                                           \
+        rest += w * (float)st + bf16f(lo[g]) * xs[g];                                                    \
+    }                                                                                                    \
+    return hsum(accf) + rest;                                                                            \
+}
+QDOT16(2)
+QDOT16(4)
+QDOT16(8)
+#endif
+
+/* Row c of a shadow (q: codes, sc/lo: scales and minimums) dotted with token t's x. */
+static inline float shadow_dot(const args_t *A, const uint8_t *q, const uint16_t *sc, const uint16_t *lo, int t) {
+    const int ng = A->d / A->G;
+    const float *xs = A->a + (size_t)t * ng;
+#ifdef SHADOW_INT16
+    if (A->xq) {
+        const int16_t *xq = A->xq + (size_t)t * A->d;
+        const float *sx = A->a + (size_t)(A->T + t) * ng;
+        return A->cb == 2 ? qdot16_2(q, xq, sx, xs, sc, lo, A->d, A->G)
+             : A->cb == 4 ? qdot16_4(q, xq, sx, xs, sc, lo, A->d, A->G)
+                          : qdot16_8(q, xq, sx, xs, sc, lo, A->d, A->G);
+    }
+#endif
+    return qdot(q, A->x + (size_t)t * A->d, xs, sc, lo, A->d, A->G, A->cb);
+}
 typedef void (*bank_fn)(const args_t *A, int b, float *yp, float *scr);
 
 /* Opportunistic helpers instead of an OpenMP team. The caller never waits for a helper to wake
@@ -146,8 +214,12 @@ typedef void (*bank_fn)(const args_t *A, int b, float *yp, float *scr);
    of them, and at the end it only waits for banks a helper has already claimed (one bank is tens
    of microseconds). An OpenMP region (tried, in torch's own libgomp team) instead waits at its
    barriers for every thread to be scheduled: up to ~10 ms per call on a shared 2-core machine, and
-   end-to-end decode came out slower than with these helpers in side-by-side runs. */
+   end-to-end decode came out slower than with these helpers in side-by-side runs.
+   Determinism: the banks are cut into N_CHUNKS fixed chunks, each summed into its own partial, and
+   the partials are added in chunk order, so y does not depend on which thread ran what, nor on
+   how many threads there were (the thread count changes from call to call, see _ThreadChooser). */
 #define MAX_SLOTS 64
+#define N_CHUNKS 8
 #define UPC_SPIN 200 /* pauses a helper spins before sleeping: sleepers get the CPU back fastest */
 static struct {
     pthread_mutex_t call_lock, mu;
@@ -156,22 +228,21 @@ static struct {
     int n_helpers;
     atomic_long seq;
     atomic_int next, active, closed, ready, sleepers;
-    int n_items;
+    int n_items, n_chunks;
     atomic_int max_slot;
     bank_fn fn;
     const args_t *args;
-    float *part[MAX_SLOTS], *scr[MAX_SLOTS];
-    size_t part_cap[MAX_SLOTS], scr_cap[MAX_SLOTS], part_len;
-    int used[MAX_SLOTS];
+    float *part[N_CHUNKS], *scr[MAX_SLOTS];
+    size_t part_cap[N_CHUNKS], scr_cap[MAX_SLOTS], part_len;
 } P = {.call_lock = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
-static int run_items(int slot) {
-    int got = 0, item;
-    while ((item = atomic_fetch_add(&P.next, 1)) < P.n_items) {
-        if (!got) { memset(P.part[slot], 0, P.part_len * sizeof(float)); got = 1; }
-        P.fn(P.args, item, P.part[slot], P.scr[slot]);
+static void run_chunks(int slot) {
+    int c;
+    while ((c = atomic_fetch_add(&P.next, 1)) < P.n_chunks) {
+        memset(P.part[c], 0, P.part_len * sizeof(float));
+        int b1 = (int)((long)(c + 1) * P.n_items / P.n_chunks);
+        for (int b = (int)((long)c * P.n_items / P.n_chunks); b < b1; b++) P.fn(P.args, b, P.part[c], P.scr[slot]);
     }
-    return got;
 }
 
 static void *helper_main(void *arg) {
@@ -191,7 +262,7 @@ static void *helper_main(void *arg) {
         atomic_fetch_add(&P.active, 1);  /* from here the caller waits for us: keep it short */
         if (!atomic_load(&P.closed) && slot < atomic_load(&P.max_slot)) {
             while (!atomic_load(&P.ready) && !atomic_load(&P.closed)) cpu_relax();
-            if (!atomic_load(&P.closed) && run_items(slot)) P.used[slot] = 1;
+            if (!atomic_load(&P.closed)) run_chunks(slot);
         }
         atomic_fetch_sub(&P.active, 1);
     }
@@ -233,14 +304,15 @@ static int run_job(bank_fn fn, void (*prologue)(args_t *), args_t *A, size_t scr
     if (nthreads > P.n_helpers + 1) nthreads = P.n_helpers + 1;
     wait_idle();  /* a late helper of the previous call may still be leaving */
     size_t part_len = (size_t)A->T * A->d;
-    for (int s = 0; s < nthreads; s++) {
-        if (grow(&P.part[s], &P.part_cap[s], part_len) || grow(&P.scr[s], &P.scr_cap[s], scratch)) {
+    int n_chunks = A->nb < N_CHUNKS ? A->nb : N_CHUNKS;
+    for (int s = 0; s < nthreads || s < n_chunks; s++) {
+        if ((s < n_chunks && grow(&P.part[s], &P.part_cap[s], part_len))
+            || (s < nthreads && grow(&P.scr[s], &P.scr_cap[s], scratch))) {
             pthread_mutex_unlock(&P.call_lock);
             return 2;
         }
-        P.used[s] = 0;
     }
-    P.part_len = part_len; P.n_items = A->nb; P.fn = fn; P.args = A;
+    P.part_len = part_len; P.n_items = A->nb; P.n_chunks = n_chunks; P.fn = fn; P.args = A;
     atomic_store(&P.max_slot, nthreads);
     atomic_store(&P.next, 0); atomic_store(&P.ready, 0); atomic_store(&P.closed, 0);
     if (nthreads > 1) {
@@ -251,12 +323,12 @@ static int run_job(bank_fn fn, void (*prologue)(args_t *), args_t *A, size_t scr
     }
     prologue(A);
     atomic_store(&P.ready, 1);
-    P.used[0] = run_items(0);
+    run_chunks(0);
     atomic_store(&P.closed, 1);
     wait_idle();
     for (size_t i = 0; i < part_len; i++) {
         float s = 0.f;
-        for (int t = 0; t < nthreads; t++) if (P.used[t]) s += P.part[t][i];
+        for (int c = 0; c < n_chunks; c++) s += P.part[c][i];
         y[i] = s;
     }
     pthread_mutex_unlock(&P.call_lock);
@@ -326,14 +398,20 @@ static inline void quad_SUF(float *restrict y, const float *restrict x, int n, c
 
 static void prologue_SUF(args_t *A) {
     float *a = (float *)A->a;
-    if (A->qg) {
+    if (A->qg) {  /* per token and group: the sum of x; with int16 dots also the scale and codes of x */
         const int ng = A->d / A->G;
         for (int t = 0; t < A->T; t++)
             for (int g = 0; g < ng; g++) {
                 const float *xg = A->x + (size_t)t * A->d + (size_t)g * A->G;
-                float s = 0.f;
-                for (int i = 0; i < A->G; i++) s += xg[i];
+                float s = 0.f, amax = 0.f;
+                for (int i = 0; i < A->G; i++) { s += xg[i]; amax = fmaxf(amax, fabsf(xg[i])); }
                 a[(size_t)t * ng + g] = s;
+                if (A->xq) {
+                    float inv = amax > 0.f ? 32767.f / amax : 0.f;
+                    int16_t *q = A->xq + (size_t)t * A->d + (size_t)g * A->G;
+                    for (int i = 0; i < A->G; i++) q[i] = (int16_t)lrintf(xg[i] * inv);
+                    a[(size_t)(A->T + t) * ng + g] = amax / 32767.f;
+                }
             }
         return;
     }
@@ -355,11 +433,10 @@ static void bank_SUF(const args_t *A, int b, float *yp, float *scr) {
         if (A->qg) {
             const int ng = d / A->G;
             const long rb = d / (8 / A->cb);
-            const float *xt = A->x + (size_t)t * d, *xs = A->a + (size_t)t * ng;
             for (int i = 0; i < bank; i++) {
                 long c = c0 + i;
-                float g = qdot(A->qg + c * rb, xt, xs, A->sg + c * ng, A->lg + c * ng, d, A->G, A->cb);
-                float u = qdot(A->qu + c * rb, xt, xs, A->su + c * ng, A->lu + c * ng, d, A->G, A->cb);
+                float g = shadow_dot(A, A->qg + c * rb, A->sg + c * ng, A->lg + c * ng, t);
+                float u = shadow_dot(A, A->qu + c * rb, A->su + c * ng, A->lu + c * ng, t);
                 z[i] = fabsf(silu(g) * u);
             }
         } else {
@@ -434,16 +511,21 @@ int upc_decode_SUF(const float *x, int T, int d, int dff, int r, const char *win
     if (T < 1 || T > 64 || bank < 1 || dff % bank || keep > bank || keep < 1 || nthreads < 1) return 1;
     if (qg && (!qu || !sg || !lg || !su || !lu || (cb != 2 && cb != 4 && cb != 8) || G < 1 || d % G
                || G % (8 / cb) || use_sigmoid)) return 1;
-    size_t per_token = qg ? (size_t)(d / G) : (size_t)r;
+    size_t per_token = qg ? 2 * (size_t)(d / G) : (size_t)r;
     float *a = malloc(sizeof(float) * ((size_t)T * per_token + 1));
-    if (!a) return 2;
+    int16_t *xq = NULL;
+#ifdef SHADOW_INT16
+    if (qg && G <= 2048 && !getenv("UPCYCLE_SHADOW_FLOAT_DOTS")) xq = malloc(sizeof(int16_t) * (size_t)T * d);
+#endif
+    if (!a) { free(xq); return 2; }  /* xq NULL: float dots */
     args_t A = {x, a, T, d, dff, r, bank, keep, use_sigmoid, dff / bank, ldg, ldu, ldd,
                 (long)(dff / bank) * keep, alpha, win, wout, bout, wg, wu, wdt, idx_out,
-                qg, qu, sg, lg, su, lu, cb, G};
+                qg, qu, sg, lg, su, lu, cb, G, xq};
     /* per-slot scratch, in floats: z, gate [T*bank], kv, ki, list, mask bits (uint64 per channel) */
     size_t scratch = (size_t)bank * (T + 5) + 2 * (size_t)keep + 2;
     int rc = run_job(bank_SUF, prologue_SUF, &A, scratch, y, nthreads);
     free(a);
+    free(xq);
     return rc;
 }
 """
@@ -648,53 +730,6 @@ def _rows_ok(w: Tensor, shape: tuple[int, int]) -> bool:
     return tuple(w.shape) == shape and w.stride(1) == 1 and w.stride(0) >= shape[1]
 
 
-@dataclass
-class ShadowPack:
-    """A shadow predictor as the fused kernel reads it: gate/up codes packed `container_bits` wide
-    (2, 4 or 8; 3-bit codes travel in 4-bit containers, 5-7 in 8), bf16 scale and minimum per group."""
-
-    gate_codes: Tensor  # uint8 [d_ff, d * container_bits / 8]
-    up_codes: Tensor
-    gate_scale: Tensor  # bf16 [d_ff, d / group_size]
-    gate_lo: Tensor
-    up_scale: Tensor
-    up_lo: Tensor
-    container_bits: int
-    group_size: int
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.gate_codes, self.up_codes, self.gate_scale, self.gate_lo,
-                                      self.up_scale, self.up_lo))
-
-
-def container_bits(bits: int) -> int:
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
-
-
-def pack_codes(codes: Tensor, bits: int, group_size: int) -> Tensor:
-    """uint8 codes [out, in] -> [out, in * cb / 8]: per group, byte k holds inputs k + p * group / (8 / cb)."""
-    cb = container_bits(bits)
-    ppb = 8 // cb
-    out_features, in_features = codes.shape
-    if group_size % ppb:
-        raise ValueError(f"group_size={group_size} must be a multiple of {ppb} for {cb}-bit containers")
-    planes = codes.to(torch.int32).reshape(out_features, in_features // group_size, ppb, group_size // ppb)
-    packed = torch.zeros(planes.shape[:2] + planes.shape[3:], dtype=torch.int32)
-    for p in range(ppb):
-        packed |= planes[:, :, p] << (cb * p)
-    return packed.to(torch.uint8).reshape(out_features, -1).contiguous()
-
-
-def pack_shadow(w_gate: Tensor, w_up: Tensor, bits: int, group_size: int) -> ShadowPack:
-    """Quantise gate/up as `kernels.reference.shadow_quantize` does and pack them for the fused kernel."""
-    gq, gs, gl = shadow_quantize(w_gate, bits, group_size)
-    uq, us, ul = shadow_quantize(w_up, bits, group_size)
-    bf = lambda t: t.to(torch.bfloat16).contiguous()  # noqa: E731  (exact: already bf16-rounded)
-    return ShadowPack(pack_codes(gq, bits, group_size), pack_codes(uq, bits, group_size), bf(gs), bf(gl), bf(us),
-                      bf(ul), container_bits(bits), group_size)
-
-
 def fused_sparse_decode(
     x: Tensor,
     w_gate: Tensor,
@@ -829,4 +864,31 @@ def fused_sparse_decode_op(
 
 @fused_sparse_decode_op.register_fake
 def _(x, w_gate, w_up, w_down_t, w_in, w_out, b_out, bank_size, keep, gate_scale):
+    return x.new_empty(x.shape[0], w_down_t.shape[1])
+
+
+@torch.library.custom_op("upcycle::bank_sparse_shadow_decode_cpu", mutates_args=())
+def shadow_sparse_decode_op(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down_t: Tensor,
+    gate_codes: Tensor,
+    up_codes: Tensor,
+    gate_scale: Tensor,
+    gate_lo: Tensor,
+    up_scale: Tensor,
+    up_lo: Tensor,
+    container_bits: int,
+    group_size: int,
+    bank_size: int,
+    keep: int,
+) -> Tensor:
+    pack = ShadowPack(gate_codes, up_codes, gate_scale, gate_lo, up_scale, up_lo, container_bits, group_size)
+    return fused_sparse_decode(x, w_gate, w_up, w_down_t, None, None, None, bank_size, keep, shadow=pack)
+
+
+@shadow_sparse_decode_op.register_fake
+def _(x, w_gate, w_up, w_down_t, gate_codes, up_codes, gate_scale, gate_lo, up_scale, up_lo, container_bits,
+      group_size, bank_size, keep):
     return x.new_empty(x.shape[0], w_down_t.shape[1])

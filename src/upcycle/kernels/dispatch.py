@@ -9,6 +9,8 @@ prefill never reach a kernel.
 Which kernel:
   * CPU: the fused C kernel (`upcycle.kernels.cpu`; float32, bfloat16, float16), else torch ops.
   * CUDA: the Triton kernels (`upcycle.kernels.triton`) when triton is installed, else torch ops.
+  * A shadow predictor (`kernels.packing`) has no torch-ops path: the fused C or Triton kernel, else
+    the reference path.
 
 Switches (environment variables are read on every call; `use_kernels` overrides them):
   UPCYCLE_KERNELS          auto (default) | reference (no fast path) | torch (torch-ops gather) |
@@ -149,15 +151,15 @@ _SHADOW_ATTR = "_upcycle_shadow_pack"
 
 
 def _shadow_pack(module: nn.Module):
-    """The shadow predictor packed for the fused CPU kernel, rebuilt when gate/up change."""
-    from upcycle.kernels import cpu
+    """The shadow predictor packed for the fused kernels, rebuilt when gate/up change."""
+    from upcycle.kernels.packing import pack_shadow
 
     g, u = module.gate_proj.weight, module.up_proj.weight
     key = (_key(g), _key(u), module.predictor.bits, module.predictor.group_size)
     cached = module.__dict__.get(_SHADOW_ATTR)
     if cached is None or cached[0] != key:
         module.__dict__.pop(_SHADOW_ATTR, None)
-        cached = (key, cpu.pack_shadow(g, u, module.predictor.bits, module.predictor.group_size))
+        cached = (key, pack_shadow(g, u, module.predictor.bits, module.predictor.group_size))
         module.__dict__[_SHADOW_ATTR] = cached
     return cached[1]
 
@@ -171,7 +173,7 @@ def prepare(model: nn.Module, layout: str | None = None) -> int:
     for m in _sparse_modules(model):
         device = m.down_proj.weight.device.type
         total += _cache(m, layout or decode_layout(device)).nbytes
-        if device == "cpu" and m.predictor.kind == "shadow":
+        if m.predictor.kind == "shadow":
             total += _shadow_pack(m).nbytes
         if device == "cpu":
             from upcycle.kernels import cpu
@@ -207,8 +209,8 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
     if mode == "reference" or module.keep >= module.bank_size:
         return None
     shadow = module.predictor.kind == "shadow"
-    if shadow and (x.device.type != "cpu" or mode == "torch"):
-        return None  # the shadow's low-bit scoring exists in the fused CPU kernel only
+    if shadow and mode == "torch":
+        return None  # the shadow's low-bit scoring exists in the fused C and Triton kernels only
     gate, up, down = module.gate_proj, module.up_proj, module.down_proj
     pred = () if shadow else (module.predictor.in_proj, module.predictor.out_proj)
     # Kernels read .weight directly: plain nn.Linear only (no LoRA/quantised wrappers), no hooks to skip.
@@ -237,7 +239,7 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
         impl = "fused" if use_fused else "torch"
     elif device == "cuda":
         use_triton = mode in ("auto", "fused") and _triton_ready()
-        if not use_triton and mode == "fused":
+        if not use_triton and (mode == "fused" or shadow):
             return None
         impl = "triton" if use_triton else "torch"
     else:
@@ -260,14 +262,8 @@ def _run(impl: str, module, x2: Tensor, shape: torch.Size) -> Tensor | None:
     w_gate = module.gate_proj.weight if cache.w_gate is None else cache.w_gate
     w_up = module.up_proj.weight if cache.w_up is None else cache.w_up
     if pred.kind == "shadow":
-        from upcycle.kernels import cpu
-
-        if compiling:
-            return None  # no compiled-graph op for the shadow yet: torch.compile keeps the reference path
-        pack = _shadow_pack(module)
-        y = cpu.fused_sparse_decode(x2, w_gate, w_up, cache.w_down_t, None, None, None, module.bank_size,
-                                    module.keep, shadow=pack)
-        return y.reshape(shape)
+        y = _run_shadow(impl, module, x2, w_gate, w_up, cache.w_down_t, compiling)
+        return None if y is None else y.reshape(shape)
     b_out = pred.out_proj.bias
     args = (
         w_gate,
@@ -300,3 +296,24 @@ def _run(impl: str, module, x2: Tensor, shape: torch.Size) -> Tensor | None:
 
         y = cpu.torch_sparse_decode(x2, *args, gate_scale=module.gate_scale)
     return y.reshape(shape)
+
+
+def _run_shadow(impl: str, module, x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor,
+                compiling: bool) -> Tensor | None:
+    if compiling:
+        pack = module.__dict__.get(_SHADOW_ATTR, (None, None))[1]  # `prepare(model)` built it
+        if pack is None:
+            return None
+    else:
+        pack = _shadow_pack(module)
+    if impl == "fused":
+        from upcycle.kernels import cpu as backend
+    else:
+        from upcycle.kernels import triton as backend
+    if compiling:
+        return backend.shadow_sparse_decode_op(x2, w_gate, w_up, w_down_t, *pack.tensors(), pack.container_bits,
+                                               pack.group_size, module.bank_size, module.keep)
+    if impl == "fused":
+        return backend.fused_sparse_decode(x2, w_gate, w_up, w_down_t, None, None, None, module.bank_size,
+                                           module.keep, shadow=pack)
+    return backend.shadow_sparse_decode(x2, w_gate, w_up, w_down_t, pack, module.bank_size, module.keep)

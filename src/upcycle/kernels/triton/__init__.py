@@ -26,6 +26,13 @@ def sparse_decode(x: Tensor, *args, **kwargs) -> Tensor:
     return impl(x, *args, **kwargs)
 
 
+def shadow_sparse_decode(x: Tensor, *args, **kwargs) -> Tensor:
+    """See `upcycle.kernels.triton.decode.shadow_sparse_decode`."""
+    from upcycle.kernels.triton.decode import shadow_sparse_decode as impl
+
+    return impl(x, *args, **kwargs)
+
+
 # torch.compile and CUDA graphs see the four launches as one opaque op with a fixed-shape output.
 @torch.library.custom_op("upcycle::bank_sparse_decode_triton", mutates_args=())
 def sparse_decode_op(
@@ -45,4 +52,33 @@ def sparse_decode_op(
 
 @sparse_decode_op.register_fake
 def _(x, w_gate, w_up, w_down_t, w_in, w_out, b_out, bank_size, keep, gate_scale):
+    return x.new_empty(x.shape[0], w_down_t.shape[1])
+
+
+@torch.library.custom_op("upcycle::bank_sparse_shadow_decode_triton", mutates_args=())
+def shadow_sparse_decode_op(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down_t: Tensor,
+    gate_codes: Tensor,
+    up_codes: Tensor,
+    gate_scale: Tensor,
+    gate_lo: Tensor,
+    up_scale: Tensor,
+    up_lo: Tensor,
+    container_bits: int,
+    group_size: int,
+    bank_size: int,
+    keep: int,
+) -> Tensor:
+    from upcycle.kernels.packing import ShadowPack
+
+    pack = ShadowPack(gate_codes, up_codes, gate_scale, gate_lo, up_scale, up_lo, container_bits, group_size)
+    return shadow_sparse_decode(x, w_gate, w_up, w_down_t, pack, bank_size, keep)
+
+
+@shadow_sparse_decode_op.register_fake
+def _(x, w_gate, w_up, w_down_t, gate_codes, up_codes, gate_scale, gate_lo, up_scale, up_lo, container_bits,
+      group_size, bank_size, keep):
     return x.new_empty(x.shape[0], w_down_t.shape[1])

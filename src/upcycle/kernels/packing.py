@@ -1,0 +1,86 @@
+"""The shadow predictor's packed form, shared by the fused CPU kernel and the Triton kernels.
+
+A shadow (see `modules.predictors.ShadowPredictor`) is gate and up quantised to `bits` per weight in
+groups of `group_size` inputs (`reference.shadow_quantize`). Packed, each row of codes is cut into
+its groups; a group of G inputs takes G / (8 / cb) bytes, where cb, the container width, is 2, 4 or
+8 bits (3-bit codes travel in 4-bit containers, 5-7 in 8). Byte k of a group holds inputs
+k + p * G / (8 / cb) for p = 0, 1, ... at bit offset cb * p: every bit plane of a group pairs with a
+contiguous run of x, so a kernel unpacks with constant shifts and reads x without shuffles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from upcycle.kernels.reference import shadow_quantize
+
+
+@dataclass
+class ShadowPack:
+    """gate/up codes packed `container_bits` wide, bf16 scale and minimum per group: w ~ code * scale + lo."""
+
+    gate_codes: Tensor  # uint8 [d_ff, d * container_bits / 8]
+    up_codes: Tensor
+    gate_scale: Tensor  # bf16 [d_ff, d / group_size]
+    gate_lo: Tensor
+    up_scale: Tensor
+    up_lo: Tensor
+    container_bits: int
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.gate_codes, self.up_codes, self.gate_scale, self.gate_lo, self.up_scale, self.up_lo)
+
+
+def container_bits(bits: int) -> int:
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def pack_codes(codes: Tensor, bits: int, group_size: int) -> Tensor:
+    """uint8 codes [out, in] -> [out, in * cb / 8] on codes' device (layout: the module docstring)."""
+    cb = container_bits(bits)
+    ppb = 8 // cb
+    out_features, in_features = codes.shape
+    if group_size % ppb or in_features % group_size:
+        raise ValueError(f"group_size={group_size} must divide in_features={in_features} and be a multiple of "
+                         f"{ppb} for {cb}-bit containers")
+    planes = codes.to(torch.int32).reshape(out_features, in_features // group_size, ppb, group_size // ppb)
+    packed = torch.zeros(planes.shape[:2] + planes.shape[3:], dtype=torch.int32, device=codes.device)
+    for p in range(ppb):
+        packed |= planes[:, :, p] << (cb * p)
+    return packed.to(torch.uint8).reshape(out_features, -1).contiguous()
+
+
+def unpack_codes(packed: Tensor, cb: int, group_size: int) -> Tensor:
+    """The inverse of `pack_codes`: [out, in * cb / 8] uint8 -> codes [out, in] uint8."""
+    ppb = 8 // cb
+    out_features = packed.shape[0]
+    b = packed.to(torch.int32).reshape(out_features, -1, 1, group_size // ppb)
+    planes = torch.cat([(b >> (cb * p)) & ((1 << cb) - 1) for p in range(ppb)], dim=2)
+    return planes.reshape(out_features, -1).to(torch.uint8)
+
+
+def pack_shadow(w_gate: Tensor, w_up: Tensor, bits: int, group_size: int) -> ShadowPack:
+    """Quantise gate/up as `reference.shadow_quantize` does and pack them (on the weights' device)."""
+    gq, gs, gl = shadow_quantize(w_gate, bits, group_size)
+    uq, us, ul = shadow_quantize(w_up, bits, group_size)
+    bf = lambda t: t.to(torch.bfloat16).contiguous()  # noqa: E731  (exact: already bf16-rounded)
+    return ShadowPack(pack_codes(gq, bits, group_size), pack_codes(uq, bits, group_size), bf(gs), bf(gl), bf(us),
+                      bf(ul), container_bits(bits), group_size)
+
+
+def unpack_shadow(pack: ShadowPack) -> tuple[Tensor, Tensor]:
+    """The float32 gate and up weights a pack stands for (what the kernels' scores must match)."""
+    def one(codes: Tensor, scale: Tensor, lo: Tensor) -> Tensor:
+        q = unpack_codes(codes, pack.container_bits, pack.group_size).float()
+        q = q.reshape(q.shape[0], scale.shape[1], pack.group_size)
+        return (q * scale.float()[..., None] + lo.float()[..., None]).reshape(q.shape[0], -1)
+
+    return (one(pack.gate_codes, pack.gate_scale, pack.gate_lo), one(pack.up_codes, pack.up_scale, pack.up_lo))
