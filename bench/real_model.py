@@ -12,6 +12,7 @@ Stages; each adds rows to bench/results/real_model.json, `report` writes real_mo
     python bench/real_model.py train --name budget-0.2 --convert "--predictor-budget 0.2"
     python bench/real_model.py train --name dense-continued --dense         # matched-token control
     python bench/real_model.py report
+    python bench/real_model.py xquant           # the CPU kernel's int16 activations: masks and ppl
 
 `train` runs what a user runs: `upcycle convert --model M --out C --data TRAIN [--convert ...]`, then
 `upcycle train --model C --data TRAIN --out R --steps 200 --seq-len 256 --batch-size 2 [--train ...]`,
@@ -131,6 +132,94 @@ def setup(args):
     base = dense_dir(work)
     _, tok = load_pretrained(base)
     return work, train_dir, base, tok, HeldOut(tok, held, args.eval_windows)
+
+
+# ---------------------------------------------------------------------------------------------- xquant
+def _quantize_x(x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
+    """x through per-group absmax rounding to signed `bits`-bit integers and back."""
+    levels = 2 ** (bits - 1) - 1
+    xg = x.reshape(*x.shape[:-1], -1, group)
+    s = xg.abs().amax(-1, keepdim=True).clamp_min(1e-30) / levels
+    return ((xg / s).round() * s).reshape(x.shape)
+
+
+def xquant(args) -> None:
+    """How the CPU kernel's integer shadow dots change the model: x quantised per shadow group to int16
+    (what the AVX2 kernel does) or int8 (the faster maddubs design, rejected on these numbers).
+
+    Kept-channel agreement with float scoring on held-out FFN inputs (the real C kernel's idx_out for
+    int16 and float dots, int8 simulated), and held-out ppl with the scores computed from quantised x.
+    """
+    import torch.nn.functional as F
+
+    import upcycle
+    from upcycle.kernels import cpu, dispatch
+    from upcycle.kernels.reference import bank_topk_indices
+    from upcycle.modules import predictors, sparse_ffns
+
+    work, _, _, tok, held_out = setup(args)
+    ckpt = Path(args.checkpoint) if args.checkpoint else max(work.glob("default-*/train/model"), key=os.path.getmtime)
+    model = upcycle.load(ckpt).eval()
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach()))
+             for n, m in sparse_ffns(model)]
+    with torch.no_grad(), dispatch.use_kernels("reference"):
+        model(next(iter(held_out.ids.values()))[: args.xquant_tokens].unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    agree = {"kernel-int16": [], "kernel-float": [], "int8-simulated": []}
+    for n, m in sparse_ffns(model):
+        p = m.predictor
+        x = inputs[n].reshape(-1, m.hidden_size).float()
+        gq, uq = p.shadow_weights()
+        score = lambda xx, gq=gq, uq=uq: (F.silu(xx @ gq.T) * (xx @ uq.T)).abs()  # noqa: E731
+        ref = bank_topk_indices(score(x), m.bank_size, m.keep)
+        pack = dispatch._shadow_pack(m)
+        w_dt = m.down_proj.weight.t().contiguous()
+        for label, env in (("kernel-int16", None), ("kernel-float", "1")):
+            if env:
+                os.environ["UPCYCLE_SHADOW_FLOAT_DOTS"] = env
+            idx = torch.empty(x.shape[0], ref.shape[1], dtype=torch.int32)
+            for t in range(x.shape[0]):  # one token per call, as in decode
+                cpu.fused_sparse_decode(x[t : t + 1], m.gate_proj.weight, m.up_proj.weight, w_dt, None, None, None,
+                                        m.bank_size, m.keep, idx_out=idx[t : t + 1], shadow=pack)
+            os.environ.pop("UPCYCLE_SHADOW_FLOAT_DOTS", None)
+            agree[label].append((idx.long() == ref).float().mean().item())
+        sim = bank_topk_indices(score(_quantize_x(x, p.group_size, 8)), m.bank_size, m.keep)
+        agree["int8-simulated"].append((sim == ref).float().mean().item())
+    rows = {k: {"kept_channel_agreement": sum(v) / len(v), "worst_layer": min(v)} for k, v in agree.items()}
+
+    original = predictors.ShadowPredictor.forward
+    for label, bits in (("float", None), ("int16", 16), ("int8", 8)):
+        def forward(self, x, bits=bits):
+            return original(self, x if bits is None else _quantize_x(x, self.group_size, bits))
+
+        predictors.ShadowPredictor.forward = forward
+        try:
+            ppl = held_out(model)
+        finally:
+            predictors.ShadowPredictor.forward = original
+        rows.setdefault({"float": "float", "int16": "kernel-int16", "int8": "int8-simulated"}[label], {})["ppl"] = ppl
+        print(label, ppl, flush=True)
+    out = {"checkpoint": str(ckpt), "tokens": x.shape[0], "rows": rows,
+           "command": "python bench/real_model.py xquant " + " ".join(sys.argv[2:])}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "shadow_xquant.json").write_text(json.dumps(out, indent=1))
+    base = rows["float"]["ppl"]
+    lines = ["# Shadow scoring with quantised activations (SmolLM2-135M, trained default: 2-bit shadow)", "",
+             f"`{out['command']}`  ", f"checkpoint `{ckpt.parent.parent.name}`; kept-channel agreement with "
+             f"float scoring over {x.shape[0]} held-out tokens x {len(agree['kernel-int16'])} layers; ppl on the "
+             "held-out windows.", "",
+             "| scoring | kept channels equal to float | worst layer | WikiText-2 ppl | TinyStories ppl |",
+             "|---|---|---|---|---|"]
+    for k, r in rows.items():
+        a = f"{r['kept_channel_agreement']:.4f}" if "kept_channel_agreement" in r else "1 (itself)"
+        w = f"{r['worst_layer']:.4f}" if "worst_layer" in r else ""
+        pp = r.get("ppl")
+        ppl_s = " | ".join(f"{pp[c]:.3f} ({pp[c] / base[c]:.3f}x)" for c in FILES) if pp else "(same as float) | "
+        lines.append(f"| {k} | {a} | {w} | {ppl_s} |")
+    (RESULTS / "shadow_xquant.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------- scorers
@@ -329,7 +418,7 @@ def _gmean(ppl: dict, dense: dict) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["scorers", "train", "report"])
+    ap.add_argument("stage", choices=["scorers", "train", "report", "xquant"])
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/upcycle/real_model"))
     ap.add_argument("--eval-windows", type=int, default=8, help="512-token held-out windows per corpus")
     ap.add_argument("--calib-tokens", type=int, default=16384)
@@ -346,10 +435,12 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-start", action="store_true", help="also evaluate the converted model at step 0")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--checkpoint", default="", help="xquant: a shadow checkpoint (default: the newest default run)")
+    ap.add_argument("--xquant-tokens", type=int, default=256, help="xquant: held-out tokens for the agreement")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"scorers": scorers, "train": train_run, "report": report}[args.stage](args)
+    {"scorers": scorers, "train": train_run, "report": report, "xquant": xquant}[args.stage](args)
 
 
 if __name__ == "__main__":

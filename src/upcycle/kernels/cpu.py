@@ -152,60 +152,79 @@ static inline float qdot(const uint8_t *P, const float *restrict x, const float 
 typedef int16_t i16x16 __attribute__((vector_size(32)));
 typedef int16_t i16x8 __attribute__((vector_size(16)));
 #define QDOT16(CB)                                                                                       \
-static float qdot16_##CB(const uint8_t *P, const int16_t *xq, const float *sx, const float *xs,         \
-                         const uint16_t *sc, const uint16_t *lo, int d, int G) {                          \
+static void qdot16_##CB(const uint8_t *Pg, const uint8_t *Pu, const int16_t *xq, const float *sx,        \
+                        const float *xs, const uint16_t *sg, const uint16_t *lg, const uint16_t *su,      \
+                        const uint16_t *lu, int d, int G, float *out_g, float *out_u) {                  \
     enum { PPB = 8 / CB, M = (1 << CB) - 1 };                                                             \
     const int gb = G / PPB, ng = d / G;                                                                  \
-    v8 accf = splat(0.f);                                                                                \
-    float rest = 0.f;                                                                                    \
+    v8 fg = splat(0.f), fu = splat(0.f);                                                                 \
+    float rg = 0.f, ru = 0.f;                                                                            \
     for (int g = 0; g < ng; g++) {                                                                       \
-        const uint8_t *pg = P + (size_t)g * gb;                                                          \
+        const uint8_t *pg = Pg + (size_t)g * gb, *pu = Pu + (size_t)g * gb;                              \
         const int16_t *xg = xq + (size_t)g * G;                                                          \
-        __m256i acc = _mm256_setzero_si256();                                                            \
-        __m128i acc4 = _mm_setzero_si128();                                                              \
+        __m256i ag = _mm256_setzero_si256(), au = _mm256_setzero_si256();                                \
+        __m128i ag4 = _mm_setzero_si128(), au4 = _mm_setzero_si128();                                    \
         int k = 0;                                                                                       \
         for (; k + 16 <= gb; k += 16) {                                                                  \
-            i16x16 b = (i16x16)_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(pg + k)));        \
-            for (int p = 0; p < PPB; p++)                                                                \
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16((__m256i)((b >> (CB * p)) & M),            \
-                                           _mm256_loadu_si256((const __m256i *)(xg + p * gb + k))));     \
+            i16x16 bg = (i16x16)_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(pg + k)));       \
+            i16x16 bu = (i16x16)_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(pu + k)));       \
+            for (int p = 0; p < PPB; p++) {                                                              \
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + p * gb + k));                     \
+                ag = _mm256_add_epi32(ag, _mm256_madd_epi16((__m256i)((bg >> (CB * p)) & M), xv));      \
+                au = _mm256_add_epi32(au, _mm256_madd_epi16((__m256i)((bu >> (CB * p)) & M), xv));      \
+            }                                                                                            \
         }                                                                                                \
         for (; k + 8 <= gb; k += 8) {                                                                    \
-            i16x8 b = (i16x8)_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(pg + k)));             \
-            for (int p = 0; p < PPB; p++)                                                                \
-                acc4 = _mm_add_epi32(acc4, _mm_madd_epi16((__m128i)((b >> (CB * p)) & M),               \
-                                         _mm_loadu_si128((const __m128i *)(xg + p * gb + k))));          \
+            i16x8 bg = (i16x8)_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(pg + k)));            \
+            i16x8 bu = (i16x8)_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(pu + k)));            \
+            for (int p = 0; p < PPB; p++) {                                                              \
+                __m128i xv = _mm_loadu_si128((const __m128i *)(xg + p * gb + k));                        \
+                ag4 = _mm_add_epi32(ag4, _mm_madd_epi16((__m128i)((bg >> (CB * p)) & M), xv));          \
+                au4 = _mm_add_epi32(au4, _mm_madd_epi16((__m128i)((bu >> (CB * p)) & M), xv));          \
+            }                                                                                            \
         }                                                                                                \
-        int st = 0;                                                                                      \
+        int tg = 0, tu = 0;                                                                              \
         for (; k < gb; k++)                                                                              \
-            for (int p = 0; p < PPB; p++) st += ((pg[k] >> (CB * p)) & M) * xg[p * gb + k];              \
-        acc = _mm256_add_epi32(acc, _mm256_inserti128_si256(_mm256_setzero_si256(), acc4, 0));          \
-        float w = bf16f(sc[g]) * sx[g];                                                                  \
-        v8 af; __m256 cf = _mm256_cvtepi32_ps(acc); memcpy(&af, &cf, sizeof af);                         \
-        accf += af * splat(w);                                                                           \
-        rest += w * (float)st + bf16f(lo[g]) * xs[g];                                                    \
+            for (int p = 0; p < PPB; p++) {                                                              \
+                tg += ((pg[k] >> (CB * p)) & M) * xg[p * gb + k];                                        \
+                tu += ((pu[k] >> (CB * p)) & M) * xg[p * gb + k];                                        \
+            }                                                                                            \
+        ag = _mm256_add_epi32(ag, _mm256_inserti128_si256(_mm256_setzero_si256(), ag4, 0));              \
+        au = _mm256_add_epi32(au, _mm256_inserti128_si256(_mm256_setzero_si256(), au4, 0));              \
+        float wg = bf16f(sg[g]) * sx[g], wu = bf16f(su[g]) * sx[g];                                      \
+        v8 cg, cu; __m256 t0 = _mm256_cvtepi32_ps(ag), t1 = _mm256_cvtepi32_ps(au);                      \
+        memcpy(&cg, &t0, sizeof cg); memcpy(&cu, &t1, sizeof cu);                                        \
+        fg += cg * splat(wg);                                                                            \
+        fu += cu * splat(wu);                                                                            \
+        rg += wg * (float)tg + bf16f(lg[g]) * xs[g];                                                     \
+        ru += wu * (float)tu + bf16f(lu[g]) * xs[g];                                                     \
     }                                                                                                    \
-    return hsum(accf) + rest;                                                                            \
+    *out_g = hsum(fg) + rg;                                                                              \
+    *out_u = hsum(fu) + ru;                                                                              \
 }
 QDOT16(2)
 QDOT16(4)
 QDOT16(8)
 #endif
 
-/* Row c of a shadow (q: codes, sc/lo: scales and minimums) dotted with token t's x. */
-static inline float shadow_dot(const args_t *A, const uint8_t *q, const uint16_t *sc, const uint16_t *lo, int t) {
+/* Channel c's shadow gate and up rows dotted with token t's x (one pass: the int16 path shares x). */
+static inline void shadow_dots(const args_t *A, long c, int t, float *g, float *u) {
     const int ng = A->d / A->G;
+    const long rb = A->d / (8 / A->cb);
+    const uint8_t *qg = A->qg + c * rb, *qu = A->qu + c * rb;
+    const uint16_t *sg = A->sg + c * ng, *lg = A->lg + c * ng, *su = A->su + c * ng, *lu = A->lu + c * ng;
     const float *xs = A->a + (size_t)t * ng;
 #ifdef SHADOW_INT16
     if (A->xq) {
         const int16_t *xq = A->xq + (size_t)t * A->d;
         const float *sx = A->a + (size_t)(A->T + t) * ng;
-        return A->cb == 2 ? qdot16_2(q, xq, sx, xs, sc, lo, A->d, A->G)
-             : A->cb == 4 ? qdot16_4(q, xq, sx, xs, sc, lo, A->d, A->G)
-                          : qdot16_8(q, xq, sx, xs, sc, lo, A->d, A->G);
+        (A->cb == 2 ? qdot16_2 : A->cb == 4 ? qdot16_4 : qdot16_8)(qg, qu, xq, sx, xs, sg, lg, su, lu, A->d, A->G, g, u);
+        return;
     }
 #endif
-    return qdot(q, A->x + (size_t)t * A->d, xs, sc, lo, A->d, A->G, A->cb);
+    const float *x = A->x + (size_t)t * A->d;
+    *g = qdot(qg, x, xs, sg, lg, A->d, A->G, A->cb);
+    *u = qdot(qu, x, xs, su, lu, A->d, A->G, A->cb);
 }
 typedef void (*bank_fn)(const args_t *A, int b, float *yp, float *scr);
 
@@ -431,12 +450,9 @@ static void bank_SUF(const args_t *A, int b, float *yp, float *scr) {
     memset(mb, 0, sizeof(uint64_t) * bank);
     for (int t = 0; t < T; t++) {
         if (A->qg) {
-            const int ng = d / A->G;
-            const long rb = d / (8 / A->cb);
             for (int i = 0; i < bank; i++) {
-                long c = c0 + i;
-                float g = shadow_dot(A, A->qg + c * rb, A->sg + c * ng, A->lg + c * ng, t);
-                float u = shadow_dot(A, A->qu + c * rb, A->su + c * ng, A->lu + c * ng, t);
+                float g, u;
+                shadow_dots(A, c0 + i, t, &g, &u);
                 z[i] = fabsf(silu(g) * u);
             }
         } else {
