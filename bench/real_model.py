@@ -143,6 +143,13 @@ def _quantize_x(x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
     return ((xg / s).round() * s).reshape(x.shape)
 
 
+def _overlap(idx: torch.Tensor, ref: torch.Tensor, d_ff: int) -> float:
+    """Fraction of the reference's kept channels that idx keeps too (as sets, per token)."""
+    a = torch.zeros(idx.shape[0], d_ff, dtype=torch.bool).scatter_(1, idx, True)
+    b = torch.zeros(idx.shape[0], d_ff, dtype=torch.bool).scatter_(1, ref, True)
+    return ((a & b).sum() / b.sum()).item()
+
+
 def xquant(args) -> None:
     """How the CPU kernel's integer shadow dots change the model: x quantised per shadow group to int16
     (what the AVX2 kernel does) or int8 (the faster maddubs design, rejected on these numbers).
@@ -184,14 +191,22 @@ def xquant(args) -> None:
                 cpu.fused_sparse_decode(x[t : t + 1], m.gate_proj.weight, m.up_proj.weight, w_dt, None, None, None,
                                         m.bank_size, m.keep, idx_out=idx[t : t + 1], shadow=pack)
             os.environ.pop("UPCYCLE_SHADOW_FLOAT_DOTS", None)
-            agree[label].append((idx.long() == ref).float().mean().item())
+            agree[label].append(_overlap(idx.long(), ref, m.intermediate_size))
         sim = bank_topk_indices(score(_quantize_x(x, p.group_size, 8)), m.bank_size, m.keep)
-        agree["int8-simulated"].append((sim == ref).float().mean().item())
+        agree["int8-simulated"].append(_overlap(sim, ref, m.intermediate_size))
     rows = {k: {"kept_channel_agreement": sum(v) / len(v), "worst_layer": min(v)} for k, v in agree.items()}
 
+    # The noise floor: float scores of x * (1 + 1e-6 * noise) flip near-ties at rounding level, as a
+    # different summation order does; the ppl moves with them (attention-sink tokens amplify a flip).
     original = predictors.ShadowPredictor.forward
-    for label, bits in (("float", None), ("int16", 16), ("int8", 8)):
-        def forward(self, x, bits=bits):
+    variants = [("float", None, None), ("kernel-int16", 16, None), ("int8-simulated", 8, None)]
+    variants += [(f"float, x(1+1e-6 noise) seed {k}", None, k) for k in range(3)]
+    for label, bits, seed in variants:
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+
+        def forward(self, x, bits=bits, gen=gen):
+            if gen is not None:
+                x = x * (1 + 1e-6 * torch.randn(x.shape, generator=gen))
             return original(self, x if bits is None else _quantize_x(x, self.group_size, bits))
 
         predictors.ShadowPredictor.forward = forward
@@ -199,7 +214,7 @@ def xquant(args) -> None:
             ppl = held_out(model)
         finally:
             predictors.ShadowPredictor.forward = original
-        rows.setdefault({"float": "float", "int16": "kernel-int16", "int8": "int8-simulated"}[label], {})["ppl"] = ppl
+        rows.setdefault(label, {})["ppl"] = ppl
         print(label, ppl, flush=True)
     out = {"checkpoint": str(ckpt), "tokens": x.shape[0], "rows": rows,
            "command": "python bench/real_model.py xquant " + " ".join(sys.argv[2:])}
@@ -209,12 +224,13 @@ def xquant(args) -> None:
     lines = ["# Shadow scoring with quantised activations (SmolLM2-135M, trained default: 2-bit shadow)", "",
              f"`{out['command']}`  ", f"checkpoint `{ckpt.parent.parent.name}`; kept-channel agreement with "
              f"float scoring over {x.shape[0]} held-out tokens x {len(agree['kernel-int16'])} layers; ppl on the "
-             "held-out windows.", "",
+             "held-out windows. The noise rows show the spread of ppl from rounding-level changes alone "
+             "(near-tie channel flips): differences inside it are not a quality change.", "",
              "| scoring | kept channels equal to float | worst layer | WikiText-2 ppl | TinyStories ppl |",
              "|---|---|---|---|---|"]
     for k, r in rows.items():
-        a = f"{r['kept_channel_agreement']:.4f}" if "kept_channel_agreement" in r else "1 (itself)"
-        w = f"{r['worst_layer']:.4f}" if "worst_layer" in r else ""
+        a = f"{r['kept_channel_agreement']:.5f}" if "kept_channel_agreement" in r else ""
+        w = f"{r['worst_layer']:.5f}" if "worst_layer" in r else ""
         pp = r.get("ppl")
         ppl_s = " | ".join(f"{pp[c]:.3f} ({pp[c] / base[c]:.3f}x)" for c in FILES) if pp else "(same as float) | "
         lines.append(f"| {k} | {a} | {w} | {ppl_s} |")

@@ -9,7 +9,9 @@ Two paths, chosen by measurement (bench/decode.py):
   predictor logits, picks the bank's top `keep`, then streams each kept channel's gate row, up row
   and down column (a row of the transposed down copy) once for every token that kept it: the
   weight bytes read are those of the union of the tokens' kept channels, the FLOPs those of
-  per-token gathers. Weights may be float32, bfloat16 or float16; the arithmetic is float32.
+  per-token gathers. Weights may be float32, bfloat16 or float16; the arithmetic is float32. A
+  shadow predictor is scored from its packed codes (`kernels.packing`) with int16 dot products on
+  AVX2 CPUs (float elsewhere). The output does not depend on the thread count (fixed bank chunks).
 * `torch`: predictor + top-k + index_select GEMVs + embedding_bag for the down projection, in plain
   torch ops (any device and dtype). The fallback when no C compiler is found.
 """
@@ -143,12 +145,15 @@ static inline float qdot(const uint8_t *P, const float *restrict x, const float 
 #if defined(__AVX2__)
 #include <immintrin.h>
 #define SHADOW_INT16 1
-/* The same dot in integers: x quantised per group to int16 (scale sx = max|x| / 32767: rounding
-   errors ~1e-5 of the group's largest |x|; on SmolLM2's FFN inputs the kept channels equal the
-   float scores' 99.99%), codes widened from bytes to int16 lanes, _mm256_madd_epi16 doing 16
-   multiply-adds per instruction with no int-to-float conversion per weight: about twice the float
-   path's rate. Exact int32 sums for groups of up to 2048 inputs (8-bit codes: 2 * 255 * 32767 per
-   lane and step). */
+/* The same dots in integers, gate and up rows of one channel in one pass sharing the x loads: x
+   quantised per group to int16 (scale sx = max|x| / 32767: rounding errors ~1e-5 of the group's
+   largest |x|), codes widened from bytes to int16 lanes, _mm256_madd_epi16 doing 16 multiply-adds
+   per instruction with no int-to-float conversion per weight: 1.4-1.5x faster FFN decode than the
+   float dots (bench/decode.py --shadow-float-dots). On SmolLM2 int16 x keeps 99.99% of the float
+   scores' channels and its held-out ppl lies at the edge of the spread that rounding-level noise
+   alone gives (1.011x vs 0.995-1.008x); int8 x (maddubs, twice the rate again) keeps 98.6% and costs
+   1.024x on WikiText-2, so it was rejected (bench/results/shadow_xquant.md).
+   Exact int32 sums for groups of up to 2048 inputs (8-bit codes: 2 * 255 * 32767 per lane and step). */
 typedef int16_t i16x16 __attribute__((vector_size(32)));
 typedef int16_t i16x8 __attribute__((vector_size(16)));
 #define QDOT16(CB)                                                                                       \
@@ -218,7 +223,8 @@ static inline void shadow_dots(const args_t *A, long c, int t, float *g, float *
     if (A->xq) {
         const int16_t *xq = A->xq + (size_t)t * A->d;
         const float *sx = A->a + (size_t)(A->T + t) * ng;
-        (A->cb == 2 ? qdot16_2 : A->cb == 4 ? qdot16_4 : qdot16_8)(qg, qu, xq, sx, xs, sg, lg, su, lu, A->d, A->G, g, u);
+        (A->cb == 2 ? qdot16_2 : A->cb == 4 ? qdot16_4 : qdot16_8)(qg, qu, xq, sx, xs, sg, lg, su, lu, A->d, A->G,
+                                                                   g, u);
         return;
     }
 #endif

@@ -17,6 +17,7 @@ Switches (environment variables are read on every call; `use_kernels` overrides 
                            fused (C or Triton only; None where unavailable)
   UPCYCLE_DECODE_MAX_TOKENS  the token crossover (tokens = prod of x's leading dims)
   UPCYCLE_DECODE_LAYOUT    split | bundle: the weight layout the fast path reads (below)
+  UPCYCLE_SHADOW_FLOAT_DOTS  set: the C kernel scores a shadow with float dots instead of int16 (A/B only)
 
 Layouts, built on first use and cached on the module as a plain attribute (never in state_dict):
   split   W_down^T [d_ff, d] only (+1/3 of the FFN weight memory); gate and up rows are read in
