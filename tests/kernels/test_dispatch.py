@@ -226,6 +226,11 @@ def test_shadow_decode_takes_the_fused_path_and_matches_reference(bits):
     assert fast is not None and _close(fast, ref)
     with dispatch.use_kernels("torch"):
         assert dispatch.decode_forward(m, x) is None  # no torch-ops shadow path: the reference runs
+    with torch.no_grad():  # the shadow's own, lower token crossover
+        limit = dispatch.max_tokens("cpu", shadow=True)
+        assert limit < dispatch.max_tokens("cpu")
+        assert dispatch.decode_forward(m, torch.randn(1, limit, 128)) is not None
+        assert dispatch.decode_forward(m, torch.randn(1, limit + 1, 128)) is None
     with torch.no_grad():  # the packed shadow follows in-place weight updates
         m.up_proj.weight.mul_(-1.0)
     fast, ref = _both(m, x)

@@ -49,6 +49,10 @@ LAYOUTS = ("split", "bundle")
 # a margin for BLAS builds that are faster at small M than this machine's. CUDA is unmeasured: 4 is
 # the bytes estimate (per-token gathers read 25% of the rows each).
 MAX_TOKENS = {"cpu": 32, "cuda": 4}
+# A shadow scores every channel for every token, so its cost grows with the tokens where the low-rank
+# predictor's barely does: on CPU (bench/results/decode_cpu_shadow.md, 2-bit, Qwen2.5-0.5B shape) it
+# beat dense 2.8x at 1 token, 1.2x at 16, 1.05-1.1x at 24-32.
+MAX_TOKENS_SHADOW = {"cpu": 16, "cuda": 4}
 DEFAULT_LAYOUT = {"cpu": "split", "cuda": "split"}
 
 _CACHE_ATTR = "_upcycle_decode_cache"
@@ -92,11 +96,11 @@ def use_kernels(mode: str, layout: str | None = None) -> Iterator[None]:
         set_kernel_mode(*previous)
 
 
-def max_tokens(device_type: str) -> int:
+def max_tokens(device_type: str, shadow: bool = False) -> int:
     env = os.environ.get("UPCYCLE_DECODE_MAX_TOKENS")
     if env:
         return int(env)
-    return MAX_TOKENS.get(device_type, 0)
+    return (MAX_TOKENS_SHADOW if shadow else MAX_TOKENS).get(device_type, 0)
 
 
 @dataclass
@@ -225,7 +229,7 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
         return None
     T = x.numel() // d
     device = x.device.type
-    if T == 0 or T > max_tokens(device):
+    if T == 0 or T > max_tokens(device, shadow):
         return None
     dtype = gate.weight.dtype
     ws = (gate.weight, up.weight, down.weight) + tuple(lin.weight for lin in pred)
