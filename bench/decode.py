@@ -36,6 +36,7 @@ from torch import nn
 from upcycle.kernels import dispatch
 from upcycle.kernels.reference import bank_topk_indices, predictor_logits
 from upcycle.modules.bank_sparse import BankSparseSwiGLU
+from upcycle.modules.predictors import choose_predictor
 
 SHAPES = {  # name: (hidden d, intermediate d_ff)
     "qwen2.5-0.5b": (896, 4864),
@@ -43,6 +44,7 @@ SHAPES = {  # name: (hidden d, intermediate d_ff)
     "llama-3-8b": (4096, 14336),
 }
 BANK, KEEP = 64, 16
+SHADOW_BUDGET_FOR_BITS = {2: 0.10, 3: 0.15, 4: 0.2, 5: 0.35, 6: 0.35, 7: 0.35, 8: 0.35}
 SHADOW_BYTES: dict = {}  # provider -> fn(d, d_ff): bytes its packed shadow predictor reads per call
 
 
@@ -161,8 +163,9 @@ def make_providers(args, copies: list[BankSparseSwiGLU]) -> dict:
         providers["dense-compiled"] = dense_compiled
     providers["sparse-fused"] = run_mode("fused", "split")
     for bits in args.shadow_bits:
-        d = copies[0].hidden_size
-        group = next(g for g in (128, 112, 96, 64, 32) if d % g == 0)
+        d, d_ff = copies[0].hidden_size, copies[0].intermediate_size
+        # the group a user gets: the library's budget rule at the budget where `bits` is its choice
+        group = choose_predictor(SHADOW_BUDGET_FOR_BITS[bits], d, d_ff, kind="shadow", bits=bits)["shadow_group_size"]
         twins = {id(m): BankSparseSwiGLU(m.gate_proj, m.up_proj, m.down_proj, nn.SiLU(), BANK, KEEP,
                                          shadow=(bits, group)).eval() for m in copies}
 
@@ -181,8 +184,8 @@ def make_providers(args, copies: list[BankSparseSwiGLU]) -> dict:
         if args.shadow_float_dots and copies[0].gate_proj.weight.device.type == "cpu":
             variants["-floatdots"] = shadow_float_fn
         for suffix, fn in variants.items():
-            providers[f"sparse-fused-shadow{bits}{suffix}"] = fn
-            SHADOW_BYTES[f"sparse-fused-shadow{bits}{suffix}"] = lambda d, d_ff, bits=bits, group=group: (
+            providers[f"sparse-fused-shadow{bits}-g{group}{suffix}"] = fn
+            SHADOW_BYTES[f"sparse-fused-shadow{bits}-g{group}{suffix}"] = lambda d, d_ff, bits=bits, group=group: (
                 2 * d * d_ff * (2 if bits <= 2 else 4 if bits <= 4 else 8) / 8 + 4 * 2 * d_ff * d / group)
     if args.bundle:
         providers["sparse-fused-bundle"] = run_mode("fused", "bundle")
@@ -522,7 +525,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-torch-path", action="store_true", help="skip the torch-ops (embedding_bag) gather path")
     p.add_argument("--torch-path-max-batch", type=int, default=4, help="time the torch-ops path up to this batch")
     p.add_argument("--shadow-bits", type=int, nargs="*", default=[],
-                   help="also time the fused (C or Triton) path with a shadow predictor of these bits")
+                   help="also time the fused (C or Triton) path with a shadow predictor of these bits (group size: what "
+                        "the budget rule picks at 0.10 for 2 bits, 0.2 for 4, 0.35 for 8)")
     p.add_argument("--shadow-float-dots", action="store_true",
                    help="CPU: also time the shadow with the float dots instead of the int16 (AVX2) ones")
     p.add_argument("--predictor", choices=["lowrank", "shadow"], default="lowrank", help="e2e model's predictor")

@@ -86,6 +86,15 @@ class BankSparseConfig:
             kind = "lowrank"  # a pinned rank means a low-rank predictor
         if kind == "lowrank" and self.predictor_rank is not None:
             spec = {"predictor": "lowrank", "predictor_rank": self.predictor_rank}
+        elif kind in ("auto", "shadow") and self.shadow_bits is not None and self.shadow_group_size is not None:
+            from upcycle.modules.predictors import log, shadow_bytes_fraction
+
+            spec = {"predictor": "shadow", "shadow_bits": self.shadow_bits, "shadow_group_size": self.shadow_group_size}
+            used = shadow_bytes_fraction(self.shadow_bits, self.shadow_group_size)
+            if used > self.predictor_budget + 1e-9:
+                log.warning("shadow_bits=%d with groups of %d reads %.3f of the dense FFN's bytes, over "
+                            "predictor_budget=%s", self.shadow_bits, self.shadow_group_size, used,
+                            self.predictor_budget)
         else:
             spec = choose_predictor(self.predictor_budget, hidden_size, intermediate_size, kind, self.shadow_bits)
         if spec["predictor"] == "shadow":

@@ -172,7 +172,7 @@ def test_fused_after_fork():
 
 @needs_fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bits,group", [(2, 96), (3, 32), (4, 48), (8, 96), (2, 32), (2, 48)])
+@pytest.mark.parametrize("bits,group", [(2, 96), (3, 32), (4, 48), (8, 96), (2, 32), (2, 48), (2, 12), (8, 12)])
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("dots", ["int16", "float"])  # int16: the AVX2 path where the CPU has it
 def test_fused_shadow_matches_reference(T, bits, group, dtype, dots, monkeypatch):

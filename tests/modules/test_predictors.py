@@ -68,6 +68,17 @@ def test_chosen_predictor_fits_the_budget(d, d_ff, budget):
 def test_budget_picks_shadow_bits_for_smollm2_shape():
     assert choose_predictor(0.10, 576, 1536) == {"predictor": "shadow", "shadow_bits": 2, "shadow_group_size": 96}
     assert choose_predictor(0.20, 576, 1536)["shadow_bits"] == 4
+    # groups of a multiple of 32 inputs when one fits (the kernels' vector steps): 128 over 112, 64 over 56
+    assert choose_predictor(0.10, 896, 4864)["shadow_group_size"] == 128
+    assert choose_predictor(0.20, 896, 4864)["shadow_group_size"] == 64
+
+
+def test_pinned_bits_and_group_are_kept_and_priced_as_pinned(caplog):
+    cfg = upcycle.BankSparseConfig(shadow_bits=4, shadow_group_size=48, predictor_budget=0.10)
+    with caplog.at_level("WARNING"):
+        spec = cfg.predictor_spec(576, 1536)
+    assert spec == {"predictor": "shadow", "shadow_bits": 4, "shadow_group_size": 48}
+    assert f"{shadow_bytes_fraction(4, 48):.3f}" in caplog.text  # the pinned group's bytes, not another's
     assert choose_predictor(0.05, 576, 1536)["predictor"] == "lowrank"
     with pytest.raises(ValueError, match="raise the budget"):
         choose_predictor(0.05, 576, 1536, kind="shadow")

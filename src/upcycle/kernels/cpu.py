@@ -188,12 +188,17 @@ static void qdot16_##CB(const uint8_t *Pg, const uint8_t *Pu, const int16_t *xq,
                 au4 = _mm_add_epi32(au4, _mm_madd_epi16((__m128i)((bu >> (CB * p)) & M), xv));          \
             }                                                                                            \
         }                                                                                                \
-        int tg = 0, tu = 0;                                                                              \
-        for (; k < gb; k++)                                                                              \
+        if (k < gb) { /* 1-7 bytes left: zero-padded codes times the next 8 x (xq has 8 spare at its end) */ \
+            uint64_t tg = 0, tu = 0;                                                                     \
+            memcpy(&tg, pg + k, (size_t)(gb - k)); memcpy(&tu, pu + k, (size_t)(gb - k));               \
+            i16x8 bg = (i16x8)_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)tg));                       \
+            i16x8 bu = (i16x8)_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)tu));                       \
             for (int p = 0; p < PPB; p++) {                                                              \
-                tg += ((pg[k] >> (CB * p)) & M) * xg[p * gb + k];                                        \
-                tu += ((pu[k] >> (CB * p)) & M) * xg[p * gb + k];                                        \
+                __m128i xv = _mm_loadu_si128((const __m128i *)(xg + p * gb + k));                        \
+                ag4 = _mm_add_epi32(ag4, _mm_madd_epi16((__m128i)((bg >> (CB * p)) & M), xv));          \
+                au4 = _mm_add_epi32(au4, _mm_madd_epi16((__m128i)((bu >> (CB * p)) & M), xv));          \
             }                                                                                            \
+        }                                                                                                \
         ag = _mm256_add_epi32(ag, _mm256_inserti128_si256(_mm256_setzero_si256(), ag4, 0));              \
         au = _mm256_add_epi32(au, _mm256_inserti128_si256(_mm256_setzero_si256(), au4, 0));              \
         float wg = bf16f(sg[g]) * sx[g], wu = bf16f(su[g]) * sx[g];                                      \
@@ -201,8 +206,8 @@ static void qdot16_##CB(const uint8_t *Pg, const uint8_t *Pu, const int16_t *xq,
         memcpy(&cg, &t0, sizeof cg); memcpy(&cu, &t1, sizeof cu);                                        \
         fg += cg * splat(wg);                                                                            \
         fu += cu * splat(wu);                                                                            \
-        rg += wg * (float)tg + bf16f(lg[g]) * xs[g];                                                     \
-        ru += wu * (float)tu + bf16f(lu[g]) * xs[g];                                                     \
+        rg += bf16f(lg[g]) * xs[g];                                                                      \
+        ru += bf16f(lu[g]) * xs[g];                                                                      \
     }                                                                                                    \
     *out_g = hsum(fg) + rg;                                                                              \
     *out_u = hsum(fu) + ru;                                                                              \
@@ -537,7 +542,7 @@ int upc_decode_SUF(const float *x, int T, int d, int dff, int r, const char *win
     float *a = malloc(sizeof(float) * ((size_t)T * per_token + 1));
     int16_t *xq = NULL;
 #ifdef SHADOW_INT16
-    if (qg && G <= 2048 && !getenv("UPCYCLE_SHADOW_FLOAT_DOTS")) xq = malloc(sizeof(int16_t) * (size_t)T * d);
+    if (qg && G <= 2048 && !getenv("UPCYCLE_SHADOW_FLOAT_DOTS")) xq = calloc((size_t)T * d + 8, sizeof(int16_t));
 #endif
     if (!a) { free(xq); return 2; }  /* xq NULL: float dots */
     args_t A = {x, a, T, d, dff, r, bank, keep, use_sigmoid, dff / bank, ldg, ldu, ldd,
