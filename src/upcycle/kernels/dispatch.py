@@ -50,8 +50,8 @@ LAYOUTS = ("split", "bundle")
 # the bytes estimate (per-token gathers read 25% of the rows each).
 MAX_TOKENS = {"cpu": 32, "cuda": 4}
 # A shadow scores every channel for every token, so its cost grows with the tokens where the low-rank
-# predictor's barely does: on CPU (bench/results/decode_cpu_shadow.md, 2-bit, Qwen2.5-0.5B shape) it
-# beat dense 2.8x at 1 token, 1.2x at 16, 1.05-1.1x at 24-32.
+# predictor's barely does: on CPU (bench/results/decode_cpu_shadow*.md, 2-bit, Qwen2.5-0.5B shape) it
+# beat dense 2.3-2.8x at 1 token, 1.2-1.35x at 16, 1.05-1.1x at 24-32 (runs on a shared machine).
 MAX_TOKENS_SHADOW = {"cpu": 16, "cuda": 4}
 DEFAULT_LAYOUT = {"cpu": "split", "cuda": "split"}
 
