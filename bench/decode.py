@@ -525,8 +525,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-torch-path", action="store_true", help="skip the torch-ops (embedding_bag) gather path")
     p.add_argument("--torch-path-max-batch", type=int, default=4, help="time the torch-ops path up to this batch")
     p.add_argument("--shadow-bits", type=int, nargs="*", default=[],
-                   help="also time the fused (C or Triton) path with a shadow predictor of these bits (group size: what "
-                        "the budget rule picks at 0.10 for 2 bits, 0.2 for 4, 0.35 for 8)")
+                   help="also time the fused (C or Triton) path with a shadow predictor of these bits (group "
+                        "size: what the budget rule picks at 0.10 for 2 bits, 0.2 for 4, 0.35 for 8)")
     p.add_argument("--shadow-float-dots", action="store_true",
                    help="CPU: also time the shadow with the float dots instead of the int16 (AVX2) ones")
     p.add_argument("--predictor", choices=["lowrank", "shadow"], default="lowrank", help="e2e model's predictor")

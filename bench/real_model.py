@@ -13,6 +13,7 @@ Stages; each adds rows to bench/results/real_model.json, `report` writes real_mo
     python bench/real_model.py train --name dense-continued --dense         # matched-token control
     python bench/real_model.py report
     python bench/real_model.py xquant           # the CPU kernel's int16 activations: masks and ppl
+    python bench/real_model.py decode           # greedy generate: dense vs upcycled, tokens/s
 
 `train` runs what a user runs: `upcycle convert --model M --out C --data TRAIN [--convert ...]`, then
 `upcycle train --model C --data TRAIN --out R --steps 200 --seq-len 256 --batch-size 2 [--train ...]`,
@@ -238,6 +239,109 @@ def xquant(args) -> None:
     print("\n".join(lines))
 
 
+# ---------------------------------------------------------------------------------------------- decode
+def decode(args) -> None:
+    """Greedy `generate` on the real checkpoints: the dense parent vs the trained default model on its
+    fused decode kernel and on the reference path. Decode tokens/s (median step time, ABBA runs), and
+    whether the fused kernel continues the prompt with the same tokens as the reference path."""
+    import statistics
+
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    import upcycle
+    from upcycle.io import load_pretrained
+    from upcycle.kernels import dispatch
+
+    work, _, base, tok, held_out = setup(args)
+    ckpt = Path(args.checkpoint) if args.checkpoint else max(work.glob("default-*/train/model"), key=os.path.getmtime)
+    dense, _ = load_pretrained(base)
+    sparse = upcycle.load(ckpt)
+    dense.eval(), sparse.eval()
+    dispatch.prepare(sparse)
+    prompt = next(iter(held_out.ids.values()))[: args.prompt_tokens].unsqueeze(0)
+    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+               pad_token_id=tok.eos_token_id, eos_token_id=None)
+
+    class StepTimer(LogitsProcessor):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    def run(model, mode):
+        timer = StepTimer()
+        with torch.no_grad(), dispatch.use_kernels(mode):
+            out = model.generate(prompt, logits_processor=LogitsProcessorList([timer]), **gen)
+        return out[0, prompt.shape[1]:], [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
+
+    runs = {"dense parent": (dense, "auto"), "upcycled, fused kernel": (sparse, "auto"),
+            "upcycled, reference path": (sparse, "reference")}
+    for model, mode in runs.values():  # warm-up: kernel build, caches
+        run(model, mode)
+    steps = {k: [] for k in runs}
+    tokens = {}
+    for rep in range(args.e2e_reps):  # ABBA: a drifting load biases no row
+        for k in runs if rep % 2 == 0 else reversed(list(runs)):
+            tokens[k], st = run(*runs[k])
+            steps[k].extend(st)
+    fused, ref = tokens["upcycled, fused kernel"], tokens["upcycled, reference path"]
+
+    def agree(a):  # new tokens equal to the reference path's before the first difference
+        return int((a != ref).nonzero()[0, 0]) if (a != ref).any() else len(ref)
+
+    same = agree(fused)
+    # Top-k routing is discontinuous: a rounding-level change flips near-tie channels, and greedy
+    # decoding follows whichever flip reaches a near-tie of the logits. Controls: the kernel's float
+    # dots, and the reference path with x * (1 + 1e-6 noise) in the shadow's scores.
+    os.environ["UPCYCLE_SHADOW_FLOAT_DOTS"] = "1"
+    try:
+        divergence = {"fused kernel, float dots": agree(run(sparse, "auto")[0])}
+    finally:
+        del os.environ["UPCYCLE_SHADOW_FLOAT_DOTS"]
+    from upcycle.modules import predictors
+
+    original = predictors.ShadowPredictor.forward
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        predictors.ShadowPredictor.forward = lambda self, x, g=g: original(self, x * (1 + 1e-6 * torch.randn(
+            x.shape, generator=g)))
+        try:
+            divergence[f"reference path, x(1+1e-6 noise) seed {seed}"] = agree(run(sparse, "reference")[0])
+        finally:
+            predictors.ShadowPredictor.forward = original
+    base_ms = statistics.median(steps["dense parent"]) * 1e3
+    rows = {k: {"median_step_ms": statistics.median(v) * 1e3, "tokens_per_s": 1e3 / (statistics.median(v) * 1e3)}
+            for k, v in steps.items()}
+    for r in rows.values():
+        r["x_dense"] = base_ms / r["median_step_ms"]
+    cmd = "python bench/real_model.py decode " + " ".join(sys.argv[2:])
+    out = {"checkpoint": str(ckpt), "threads": torch.get_num_threads(), "rows": rows, "command": cmd,
+           "machine": platform.processor() or platform.machine(),
+           "fused_equals_reference_for_first_tokens": same, "new_tokens": len(ref), "controls": divergence,
+           "fused_text": tok.decode(fused), "reference_text": tok.decode(ref)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "real_model_decode.json").write_text(json.dumps(out, indent=1))
+    lines = ["# Greedy decode on the real checkpoint (SmolLM2-135M, fp32, CPU)", "", f"`{cmd}`  ",
+             f"{out['machine']}, {out['threads']} threads; prompt: {prompt.shape[1]} held-out WikiText-2 tokens, "
+             f"{args.new_tokens} new tokens, {args.e2e_reps} alternating runs per row; checkpoint "
+             f"`{ckpt.parent.parent.name}` (2-bit shadow).", "",
+             "| model | path | decode tokens/s | median step ms | x dense |", "|---|---|---|---|---|"]
+    for k, r in rows.items():
+        name, _, path = k.partition(", ")
+        lines.append(f"| {name} | {path or 'HF dense MLP'} | {r['tokens_per_s']:.1f} | {r['median_step_ms']:.2f} | "
+                     f"{r['x_dense']:.2f} |")
+    lines += ["", f"The fused kernel's (int16 shadow dots) greedy tokens equal the reference path's for the first "
+              f"{same} of {len(ref)} new tokens. Controls, same count: "
+              + "; ".join(f"{k}: {v}" for k, v in divergence.items())
+              + ". Top-k routing is discontinuous, so rounding-level changes alone move greedy text; "
+              "`UPCYCLE_SHADOW_FLOAT_DOTS=1` selects the float dots.", "", f"Fused: {out['fused_text']!r}", "",
+              f"Reference: {out['reference_text']!r}"]
+    (RESULTS / "real_model_decode.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 # ---------------------------------------------------------------------------------------------- scorers
 def scorers(args) -> None:
     import upcycle
@@ -434,7 +538,7 @@ def _gmean(ppl: dict, dense: dict) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["scorers", "train", "report", "xquant"])
+    ap.add_argument("stage", choices=["scorers", "train", "report", "xquant", "decode"])
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/upcycle/real_model"))
     ap.add_argument("--eval-windows", type=int, default=8, help="512-token held-out windows per corpus")
     ap.add_argument("--calib-tokens", type=int, default=16384)
@@ -453,10 +557,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--checkpoint", default="", help="xquant: a shadow checkpoint (default: the newest default run)")
     ap.add_argument("--xquant-tokens", type=int, default=256, help="xquant: held-out tokens for the agreement")
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="decode: prompt length")
+    ap.add_argument("--new-tokens", type=int, default=48, help="decode: generated tokens per run")
+    ap.add_argument("--e2e-reps", type=int, default=4, help="decode: runs per row")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"scorers": scorers, "train": train_run, "report": report, "xquant": xquant}[args.stage](args)
+    {"scorers": scorers, "train": train_run, "report": report, "xquant": xquant, "decode": decode}[args.stage](args)
 
 
 if __name__ == "__main__":
