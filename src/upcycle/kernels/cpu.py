@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from upcycle.kernels.packing import ShadowPack
+from upcycle.kernels.packing import ShadowPack, shadow_decode_op
 from upcycle.kernels.reference import bank_topk_indices, predictor_logits
 
 log = logging.getLogger(__name__)
@@ -894,28 +894,8 @@ def _(x, w_gate, w_up, w_down_t, w_in, w_out, b_out, bank_size, keep, gate_scale
     return x.new_empty(x.shape[0], w_down_t.shape[1])
 
 
-@torch.library.custom_op("upcycle::bank_sparse_shadow_decode_cpu", mutates_args=())
-def shadow_sparse_decode_op(
-    x: Tensor,
-    w_gate: Tensor,
-    w_up: Tensor,
-    w_down_t: Tensor,
-    gate_codes: Tensor,
-    up_codes: Tensor,
-    gate_scale: Tensor,
-    gate_lo: Tensor,
-    up_scale: Tensor,
-    up_lo: Tensor,
-    container_bits: int,
-    group_size: int,
-    bank_size: int,
-    keep: int,
-) -> Tensor:
-    pack = ShadowPack(gate_codes, up_codes, gate_scale, gate_lo, up_scale, up_lo, container_bits, group_size)
-    return fused_sparse_decode(x, w_gate, w_up, w_down_t, None, None, None, bank_size, keep, shadow=pack)
-
-
-@shadow_sparse_decode_op.register_fake
-def _(x, w_gate, w_up, w_down_t, gate_codes, up_codes, gate_scale, gate_lo, up_scale, up_lo, container_bits,
-      group_size, bank_size, keep):
-    return x.new_empty(x.shape[0], w_down_t.shape[1])
+shadow_sparse_decode_op = shadow_decode_op(
+    "bank_sparse_shadow_decode_cpu",
+    lambda x, w_gate, w_up, w_down_t, pack, bank_size, keep: fused_sparse_decode(
+        x, w_gate, w_up, w_down_t, None, None, None, bank_size, keep, shadow=pack),
+)

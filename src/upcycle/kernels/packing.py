@@ -10,6 +10,7 @@ contiguous run of x, so a kernel unpacks with constant shifts and reads x withou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,3 +85,34 @@ def unpack_shadow(pack: ShadowPack) -> tuple[Tensor, Tensor]:
         return (q * scale.float()[..., None] + lo.float()[..., None]).reshape(q.shape[0], -1)
 
     return (one(pack.gate_codes, pack.gate_scale, pack.gate_lo), one(pack.up_codes, pack.up_scale, pack.up_lo))
+
+
+def shadow_decode_op(name: str, decode: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A torch custom op `upcycle::<name>` around `decode(x, w_gate, w_up, w_down_t, pack, bank_size, keep)`:
+    what torch.compile and CUDA graphs see (a ShadowPack is not an op argument, so its fields are)."""
+
+    @torch.library.custom_op(f"upcycle::{name}", mutates_args=())
+    def op(
+        x: Tensor,
+        w_gate: Tensor,
+        w_up: Tensor,
+        w_down_t: Tensor,
+        gate_codes: Tensor,
+        up_codes: Tensor,
+        gate_scale: Tensor,
+        gate_lo: Tensor,
+        up_scale: Tensor,
+        up_lo: Tensor,
+        container_bits: int,
+        group_size: int,
+        bank_size: int,
+        keep: int,
+    ) -> Tensor:
+        pack = ShadowPack(gate_codes, up_codes, gate_scale, gate_lo, up_scale, up_lo, container_bits, group_size)
+        return decode(x, w_gate, w_up, w_down_t, pack, bank_size, keep)
+
+    @op.register_fake
+    def _(x, w_gate, w_up, w_down_t, *pack_fields_and_sizes):
+        return x.new_empty(x.shape[0], w_down_t.shape[1])
+
+    return op
