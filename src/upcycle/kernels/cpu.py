@@ -188,7 +188,9 @@ static void qdot16_##CB(const uint8_t *Pg, const uint8_t *Pu, const int16_t *xq,
                 au4 = _mm_add_epi32(au4, _mm_madd_epi16((__m128i)((bu >> (CB * p)) & M), xv));          \
             }                                                                                            \
         }                                                                                                \
-        if (k < gb) { /* 1-7 bytes left: zero-padded codes times the next 8 x (xq has 8 spare at its end) */ \
+        /* 1-7 bytes left: zero-padded codes times the next 8 x (xq has 8 spare at its end). Kept apart from \
+           the 8-byte loop: folding the two together measured 1.2-1.4x slower at 4 bits, groups of 56. */  \
+        if (k < gb) {                                                                                    \
             uint64_t tg = 0, tu = 0;                                                                     \
             memcpy(&tg, pg + k, (size_t)(gb - k)); memcpy(&tu, pu + k, (size_t)(gb - k));               \
             i16x8 bg = (i16x8)_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)tg));                       \
