@@ -92,9 +92,8 @@ def _route_gateup_kernel(
     if HAS_BIAS:
         z += tl.load(bout_ptr + ch, mask=imask, other=0.0).to(tl.float32)
     z = tl.where(imask, z, float("-inf"))
-    sel, local, k, kmask = _bank_topk(z, i, imask, KEEP, KEEP_P2)
-    rows = (b * BANK + local).to(tl.int64)
-    h = _gateup_rows(x_ptr + t * D, wg_ptr, wu_ptr, LDG, LDU, rows, kmask, D, KEEP_P2, BLOCK_D)
+    h, rows, sel, k, kmask = _keep_and_gather(z, i, imask, t, b, x_ptr, wg_ptr, wu_ptr, LDG, LDU, D, BANK, KEEP,
+                                              KEEP_P2, BLOCK_D)
     if SIGMOID:
         zsel = tl.sum(tl.where(sel, z[None, :], 0.0), axis=1)
         alpha = tl.load(alpha_ptr).to(tl.float32)
@@ -162,14 +161,23 @@ def _shadow_route_gateup_kernel(
         zg += tl.load(lg_ptr + q, mask=imask, other=0.0).to(tl.float32) * xsum
         zu += tl.load(su_ptr + q, mask=imask, other=0.0).to(tl.float32) * du
         zu += tl.load(lu_ptr + q, mask=imask, other=0.0).to(tl.float32) * xsum
-    z = tl.abs(zg / (1.0 + tl.exp(-zg)) * zu)
-    z = tl.where(imask, z, float("-inf"))
-    sel, local, k, kmask = _bank_topk(z, i, imask, KEEP, KEEP_P2)
-    rows = (b * BANK + local).to(tl.int64)
-    h = _gateup_rows(x_ptr + t * D, wg_ptr, wu_ptr, LDG, LDU, rows, kmask, D, KEEP_P2, BLOCK_D)
+    z = tl.where(imask, tl.abs(zg / (1.0 + tl.exp(-zg)) * zu), float("-inf"))
+    h, rows, _, k, kmask = _keep_and_gather(z, i, imask, t, b, x_ptr, wg_ptr, wu_ptr, LDG, LDU, D, BANK, KEEP,
+                                            KEEP_P2, BLOCK_D)
     out = t * (n_banks * KEEP) + b * KEEP + k
     tl.store(h_ptr + out, h, mask=kmask)
     tl.store(idx_ptr + out, rows.to(tl.int32), mask=kmask)
+
+
+@triton.jit
+def _keep_and_gather(z, i, imask, t, b, x_ptr, wg_ptr, wu_ptr, LDG, LDU, D, BANK, KEEP, KEEP_P2: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Both route kernels' second half: bank b's top-KEEP by z, then token t's gate/up gather-GEMV.
+    Returns h [KEEP_P2] fp32, the kept rows (absolute channels), the selection, the slots and their mask."""
+    sel, local, k, kmask = _bank_topk(z, i, imask, KEEP, KEEP_P2)
+    rows = (b * BANK + local).to(tl.int64)
+    h = _gateup_rows(x_ptr + t * D, wg_ptr, wu_ptr, LDG, LDU, rows, kmask, D, KEEP_P2, BLOCK_D)
+    return h, rows, sel, k, kmask
 
 
 @triton.jit
