@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -12,6 +13,8 @@ PredictorKind = Literal["auto", "lowrank", "shadow"]
 GATE_MODES = ("ste", "sigmoid")
 PREDICTOR_INITS = ("svd", "calibrate", "random", "none")
 PREDICTOR_KINDS = ("auto", "lowrank", "shadow")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,15 +89,6 @@ class BankSparseConfig:
             kind = "lowrank"  # a pinned rank means a low-rank predictor
         if kind == "lowrank" and self.predictor_rank is not None:
             spec = {"predictor": "lowrank", "predictor_rank": self.predictor_rank}
-        elif kind in ("auto", "shadow") and self.shadow_bits is not None and self.shadow_group_size is not None:
-            from upcycle.modules.predictors import log, shadow_bytes_fraction
-
-            spec = {"predictor": "shadow", "shadow_bits": self.shadow_bits, "shadow_group_size": self.shadow_group_size}
-            used = shadow_bytes_fraction(self.shadow_bits, self.shadow_group_size)
-            if used > self.predictor_budget + 1e-9:
-                log.warning("shadow_bits=%d with groups of %d reads %.3f of the dense FFN's bytes, over "
-                            "predictor_budget=%s", self.shadow_bits, self.shadow_group_size, used,
-                            self.predictor_budget)
         else:
             spec = choose_predictor(self.predictor_budget, hidden_size, intermediate_size, kind, self.shadow_bits)
         if spec["predictor"] == "shadow":
@@ -104,6 +98,14 @@ class BankSparseConfig:
                         f"shadow_group_size={self.shadow_group_size} must divide hidden_size={hidden_size}."
                     )
                 spec["shadow_group_size"] = self.shadow_group_size
+            # Priced on the final spec: pinned bits or a pinned group may exceed the budget.
+            from upcycle.modules.predictors import shadow_bytes_fraction
+
+            used = shadow_bytes_fraction(spec["shadow_bits"], spec["shadow_group_size"])
+            if used > self.predictor_budget + 1e-9:
+                log.warning("shadow_bits=%d with groups of %d reads %.3f of the dense FFN's bytes, over "
+                            "predictor_budget=%s", spec["shadow_bits"], spec["shadow_group_size"], used,
+                            self.predictor_budget)
             if self.gate_mode != "ste":
                 raise ValueError("a shadow predictor scores |h|, not gate logits: use gate_mode='ste' with it, or "
                                  "predictor='lowrank' for the sigmoid gate.")

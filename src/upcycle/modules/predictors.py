@@ -7,15 +7,11 @@ dense FFN's 16-bit weight bytes (3 * d * d_ff * 2), the price the `predictor_bud
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upcycle.kernels.reference import shadow_dequantize, shadow_quantize
-
-log = logging.getLogger(__name__)
 
 # Per quantisation group a shadow stores a 16-bit scale and a 16-bit zero point.
 SHADOW_GROUP_OVERHEAD_BITS = 32
@@ -73,9 +69,7 @@ def choose_predictor(budget: float, hidden_size: int, intermediate_size: int, ki
                 # faster; the quantisation barely notices (SmolLM2 4-bit, 64 vs 48: recall 0.927 vs 0.932).
                 aligned = [g for g in fits if g % 32 == 0]
                 return {"predictor": "shadow", "shadow_bits": b, "shadow_group_size": (aligned or fits)[0]}
-            if bits:  # the user fixed the bits: take the largest group, over budget if need be
-                log.warning("shadow_bits=%d reads %.3f of the dense FFN's bytes, over predictor_budget=%s",
-                            b, shadow_bytes_fraction(b, groups[-1]), budget)
+            if bits:  # the user fixed the bits: take the largest group, over budget if need be (the caller warns)
                 return {"predictor": "shadow", "shadow_bits": b, "shadow_group_size": groups[-1]}
         if kind == "shadow":
             raise ValueError(f"predictor_budget={budget} is below a 2-bit shadow's "
