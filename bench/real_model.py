@@ -136,6 +136,16 @@ def setup(args):
 
 
 # ---------------------------------------------------------------------------------------------- xquant
+def trained_checkpoint(args, work: Path) -> Path:
+    """--checkpoint, else the newest `train --name default` run's model."""
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    runs = list(work.glob("default-*/train/model"))
+    if not runs:
+        sys.exit(f"no trained default model under {work}: run `python bench/real_model.py train` first")
+    return max(runs, key=os.path.getmtime)
+
+
 def _quantize_x(x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
     """x through per-group absmax rounding to signed `bits`-bit integers and back."""
     levels = 2 ** (bits - 1) - 1
@@ -166,7 +176,7 @@ def xquant(args) -> None:
     from upcycle.modules import predictors, sparse_ffns
 
     work, _, _, tok, held_out = setup(args)
-    ckpt = Path(args.checkpoint) if args.checkpoint else max(work.glob("default-*/train/model"), key=os.path.getmtime)
+    ckpt = trained_checkpoint(args, work)
     model = upcycle.load(ckpt).eval()
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach()))
@@ -253,7 +263,7 @@ def decode(args) -> None:
     from upcycle.kernels import dispatch
 
     work, _, base, tok, held_out = setup(args)
-    ckpt = Path(args.checkpoint) if args.checkpoint else max(work.glob("default-*/train/model"), key=os.path.getmtime)
+    ckpt = trained_checkpoint(args, work)
     dense, _ = load_pretrained(base)
     sparse = upcycle.load(ckpt)
     dense.eval(), sparse.eval()
