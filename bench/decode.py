@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from upcycle.modules.bank_sparse import BankSparseSwiGLU
+from upcycle.modules.predictors import choose_predictor
 
 from upcycle.kernels import dispatch
 from upcycle.kernels.reference import bank_topk_indices, predictor_logits
-from upcycle.modules.bank_sparse import BankSparseSwiGLU
-from upcycle.modules.predictors import choose_predictor
 
 SHAPES = {  # name: (hidden d, intermediate d_ff)
     "qwen2.5-0.5b": (896, 4864),

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
-
-import upcycle
 from upcycle.convert import measure_recall
 from upcycle.text import token_windows
 from upcycle.toy import pretrain, stdlib_corpus, tiny_config, train_bpe_tokenizer
+
+import upcycle
 
 
 def main() -> None:

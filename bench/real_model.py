@@ -169,11 +169,11 @@ def xquant(args) -> None:
     int16 and float dots, int8 simulated), and held-out ppl with the scores computed from quantised x.
     """
     import torch.nn.functional as F
+    from upcycle.modules import predictors, sparse_ffns
 
     import upcycle
     from upcycle.kernels import cpu, dispatch
     from upcycle.kernels.reference import bank_topk_indices
-    from upcycle.modules import predictors, sparse_ffns
 
     work, _, _, tok, held_out = setup(args)
     ckpt = trained_checkpoint(args, work)
@@ -354,10 +354,11 @@ def decode(args) -> None:
 
 # ---------------------------------------------------------------------------------------------- scorers
 def scorers(args) -> None:
-    import upcycle
     from upcycle.convert import predictor_bytes_fraction
-    from upcycle.eval import baselines
     from upcycle.text import read_texts, token_windows
+
+    import upcycle
+    from upcycle.eval import baselines
 
     work, train_dir, base, tok, evaluator = setup(args)
     calib = token_windows(tok, read_texts(train_dir), 256, args.calib_tokens // 256)
@@ -443,10 +444,11 @@ def train_run(args) -> None:
               flush=True)
         return {f"ppl_{k}": v for k, v in ppl.items()}
 
-    import upcycle
     from upcycle.convert import predictor_bytes_fraction
     from upcycle.modules import sparse_ffns
     from upcycle.text import read_texts, token_windows
+
+    import upcycle
 
     if args.eval_start:  # the converted model before any training
         t_start = time.perf_counter()

@@ -83,10 +83,10 @@ class CudaMemory:
 
 def build(args, device):
     import torch
-
-    import upcycle
     from upcycle.toy import tiny_model
     from upcycle.train.losses import Objective
+
+    import upcycle
 
     dense = tiny_model("qwen2", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads,

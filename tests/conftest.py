@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from upcycle.toy import stdlib_corpus, tiny_model, train_bpe_tokenizer
+from upcycle.testing import stdlib_corpus, tiny_model, train_bpe_tokenizer
 
 
 @pytest.fixture(autouse=True)

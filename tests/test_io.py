@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import upcycle
-from upcycle.modules import sparse_ffns
-from upcycle.toy import tiny_model
+from upcycle.recipes.bank_sparse.modules import sparse_ffns
+from upcycle.testing import tiny_model
 
 
 def _converted(arch="qwen2", **kw):
@@ -69,9 +69,9 @@ def test_interrupted_overwrite_keeps_old_checkpoint(tmp_path, monkeypatch):
     model = _converted()
     model.save_pretrained(tmp_path / "ck")
     before = (tmp_path / "ck" / "model.safetensors").read_bytes()
-    import upcycle.io as uio
+    import upcycle.fsutil as fsutil
 
-    monkeypatch.setattr(uio, "_fsync_tree", lambda p: (_ for _ in ()).throw(Boom("power cut")))
+    monkeypatch.setattr(fsutil, "_fsync_tree", lambda p: (_ for _ in ()).throw(Boom("power cut")))
     with pytest.raises(Boom):
         model.save_pretrained(tmp_path / "ck")
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before

@@ -1,8 +1,13 @@
-"""upcycle: dense causal LM -> predictor-gated bank-wise sparse SwiGLU model, by continual training."""
+"""upcycle: turn a dense causal LM into a sparse one by continual training, and run it fast.
 
-from upcycle.config import BankSparseConfig
-from upcycle.convert import convert, predictor_recall, to_dense
+    model = upcycle.convert(model, upcycle.BankSparseConfig())   # the config's type picks the recipe
+    model.save_pretrained("sparse")                                # or upcycle.save(model, "sparse", tokenizer)
+    model = upcycle.load("sparse")
+"""
+
 from upcycle.io import CheckpointError, load, save
+from upcycle.recipes import convert, to_dense
+from upcycle.recipes.bank_sparse import BankSparseConfig, predictor_recall
 
 __all__ = ["BankSparseConfig", "CheckpointError", "convert", "load", "predictor_recall", "save", "to_dense"]
 __version__ = "0.1.0"

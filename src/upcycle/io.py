@@ -1,16 +1,23 @@
-"""Save and load converted models: HF layout + safetensors, atomic writes, clear errors."""
+"""Save and load converted models: HF layout + safetensors, atomic writes, strict loads, clear errors.
+
+`load` dispatches on the recipe saved in config.json["upcycle"] (`upcycle.format`) through the recipe
+registry; it reads checkpoints of every format version up to the current one.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from upcycle import format as fmt
+from upcycle import hf_models
+from upcycle.fsutil import atomic_directory
+from upcycle.recipes import registry
 
 log = logging.getLogger(__name__)
 
@@ -19,50 +26,17 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete, corrupt or does not match its config."""
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def atomic_directory(out: str | os.PathLike, write) -> Path:
-    """Call `write(tmp_dir)`, then move tmp_dir to `out` in one rename.
-
-    An interrupted write leaves only a hidden `.NAME.tmp-*` sibling, never a partial `out`; an
-    existing `out` is replaced only after the new one is complete.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, **save_kwargs) -> Path:
-    """Atomically write `model` (HF `save_pretrained` layout, safetensors) and `tokenizer` to `out`."""
-    from upcycle.convert import upcycle_metadata
+    """Atomically write `model` (HF `save_pretrained` layout, safetensors) and `tokenizer` to `out`.
 
-    if getattr(model, "upcycle_config", None) is not None:
-        # Keep extra keys other tools recorded (e.g. the source checkpoint), refresh the sparsity.
-        previous = getattr(model.config, "upcycle", None) or {}
-        model.config.upcycle = {**previous, **upcycle_metadata(model, model.upcycle_config)}
+    A converted model's recipe metadata is refreshed from its live modules first (see `upcycle.hf_models`).
+    """
+    hf_models.refresh_metadata(model)
     save_kwargs.setdefault("safe_serialization", True)
+    hf_save = hf_models.plain_save_pretrained(model)
 
     def write(tmp: Path) -> None:
-        type(model).save_pretrained(model, tmp, **save_kwargs)
+        hf_save(model, tmp, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
@@ -156,33 +130,50 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from upcycle.config import BankSparseConfig
-    from upcycle.convert import FORMAT_VERSION, convert
-
     path = Path(path)
     if path.suffix == ".gguf":
         model = load_pretrained(path)[0]
         return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     raw = _read_config(path)
-    meta = raw.get("upcycle")
-    if meta is not None and meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} was written by a newer upcycle (format {meta['format_version']} > {FORMAT_VERSION}): "
-            "upgrade upcycle."
-        )
+    where = path / "config.json"
+    try:
+        meta = fmt.parse(raw.get(fmt.KEY), where)
+        recipe = None if meta is None else registry.get(meta.recipe)
+        if recipe is not None:
+            recipe.config_from_section(meta.section, str(where))  # validate before building anything
+    except ValueError as e:
+        raise CheckpointError(str(e) if str(where) in str(e) else f"{where}: {e}") from e
+    model_type = raw.get("model_type")
+    orphan = None  # an upcycle model type without its metadata: built as the base model, then refused below
+    if isinstance(model_type, str) and model_type.startswith(hf_models.PREFIX):
+        base = hf_models.base_model_type(model_type)
+        try:
+            hf_models.register_base(base)
+        except KeyError as e:
+            raise CheckpointError(f"{where}: transformers has no model type {base!r}: upgrade transformers.") from e
+        if meta is None:
+            orphan = f"{where}: model_type {model_type!r} needs the 'upcycle' entry, which is missing: the config " \
+                     "was edited or is corrupt; convert the dense model again."
     state = _read_state_dict(_weight_files(path))
     try:
-        hf_config = AutoConfig.from_pretrained(path)
+        if orphan:
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            hf_config = CONFIG_MAPPING[base].from_dict({k: v for k, v in raw.items() if k != "model_type"})
+        else:
+            hf_config = AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise CheckpointError(f"transformers cannot read {path}/config.json: {e}") from e
+        raise CheckpointError(f"transformers cannot read {where}: {e}") from e
     saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=saved_dtype)
-    if meta is not None:
-        if meta.get("recipe") != "bank_sparse":
-            raise CheckpointError(f"{path}: unknown upcycle recipe {meta.get('recipe')!r}.")
-        cfg = BankSparseConfig.from_dict({**meta["bank_sparse"], "predictor_init": "none"})
-        convert(model, cfg, progress=False)
+    try:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=saved_dtype)
+        if recipe is not None and not hf_models.is_upcycle_class(model):
+            recipe.from_metadata(model, meta.section)  # format 1 before re-classing: the base model type
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the recipe in config.json does not fit the model ({e}).") from e
     _load_strict(model, state, path)
+    if orphan:
+        raise CheckpointError(orphan)
     if (path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()

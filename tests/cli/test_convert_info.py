@@ -6,7 +6,7 @@ import torch
 
 import upcycle
 from upcycle.cli import main
-from upcycle.modules import sparse_ffns
+from upcycle.recipes.bank_sparse.modules import sparse_ffns
 
 
 def test_convert_calibrate_then_load_and_info(dense_dir, text_file, tmp_path, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from upcycle.toy import stdlib_corpus
+from upcycle.testing import stdlib_corpus
 
 
 @pytest.fixture(scope="session")

@@ -77,7 +77,7 @@ def test_errors_are_one_line(capsys, dense_dir, heldout_file, extra, message):
 
 
 def test_no_tokenizer(capsys, tmp_path, heldout_file):
-    from upcycle.toy import tiny_model
+    from upcycle.testing import tiny_model
 
     tiny_model("qwen2", vocab_size=64).save_pretrained(tmp_path / "m")
     assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(heldout_file)]) == 2

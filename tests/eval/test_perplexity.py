@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from upcycle.data import load_tokenizer, read_text
 from upcycle.eval import perplexity as ppl_module
-from upcycle.eval.perplexity import load_tokenizer, perplexity, read_text, windows
-from upcycle.toy import tiny_model
+from upcycle.eval.perplexity import perplexity, windows
+from upcycle.testing import tiny_model
 
 
 @pytest.mark.parametrize("n,seq_len,stride", [(40, 16, 16), (40, 16, 8), (41, 16, 5), (17, 16, 16), (33, 16, 1)])

@@ -5,11 +5,11 @@ import torch
 
 import upcycle
 from upcycle import BankSparseConfig
-from upcycle.convert import capture_ffn_inputs
 from upcycle.eval.stats import FFNStats
-from upcycle.kernels import dispatch
-from upcycle.modules import sparse_ffns
-from upcycle.toy import tiny_model
+from upcycle.recipes.bank_sparse import runtime
+from upcycle.recipes.bank_sparse.convert import capture_ffn_inputs
+from upcycle.recipes.bank_sparse.modules import sparse_ffns
+from upcycle.testing import tiny_model
 
 
 def _run(model, ids):
@@ -56,7 +56,7 @@ def test_fast_decode_path_is_counted():
     upcycle.convert(model, BankSparseConfig(), progress=False)
     ids = torch.randint(0, 128, (1, 1))
     for mode in ("reference", "auto"):
-        with dispatch.use_kernels(mode):
+        with runtime.use_kernels(mode):
             s = _run(model, ids)
         assert s["ffn_density"] == pytest.approx(0.25, abs=1e-6) and s["tokens"] == 1
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from upcycle.eval import tasks
-from upcycle.toy import tiny_model
+from upcycle.testing import tiny_model
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)

@@ -157,27 +157,27 @@ def test_triton_shadow_matches_reference(kernels, dtype, T, bits, group, d, d_ff
 @skip_if_rerun
 @pytest.mark.parametrize("predictor", ["lowrank", "shadow"])
 def test_dispatch_triton_path_matches_module_reference(predictor):
-    """What `decode_forward` runs on CUDA (`dispatch._run('triton', ...)`, and the custom op that
+    """What `decode_forward` runs on CUDA (`runtime._run('triton', ...)`, and the custom op that
     torch.compile / CUDA graphs see), exercised here on the interpreter: equal to the module's
     reference forward."""
     from torch import nn
 
-    from upcycle.kernels import dispatch
     from upcycle.kernels import triton as triton_kernels
-    from upcycle.modules import BankSparseSwiGLU
+    from upcycle.recipes.bank_sparse import runtime
+    from upcycle.recipes.bank_sparse.modules import BankSparseSwiGLU
 
     lin = lambda i, o: nn.Linear(i, o, bias=False, device=DEVICE)  # noqa: E731
     kw = dict(shadow=(2, 32)) if predictor == "shadow" else dict(rank=8)
     m = BankSparseSwiGLU(lin(64, 256), lin(64, 256), lin(256, 64), nn.SiLU(), 64, 16, **kw).eval()
     x = torch.randn(2, 64, device=DEVICE)
     with torch.no_grad():
-        with dispatch.use_kernels("reference"):
+        with runtime.use_kernels("reference"):
             ref = m(x)
-        y = dispatch._run("triton", m, x, x.shape)
+        y = runtime._run("triton", m, x, x.shape)
         assert ((y - ref).norm() / ref.norm()).item() < 1e-5
         if predictor == "shadow":
-            pack = dispatch._shadow_pack(m)
-            w_dt = dispatch._cache(m, "split").w_down_t
+            pack = runtime._shadow_pack(m)
+            w_dt = runtime._cache(m, "split").w_down_t
             y_op = triton_kernels.shadow_sparse_decode_op(x, m.gate_proj.weight, m.up_proj.weight, w_dt,
                                                           *pack.tensors(), pack.container_bits, pack.group_size, 64, 16)
             assert torch.equal(y_op, y)

@@ -18,7 +18,7 @@ def _tiny_train_config(model, data, out, **kw):
                 lr=3e-3, eval_every=0, save_every=0, progress=False, tensorboard=False, num_threads=1,
                 val_max_sequences=8)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)  # recipe options (keep_warmup_steps, ...) as flat keys, like flags
 
 
 @pytest.fixture(autouse=True)

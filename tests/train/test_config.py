@@ -49,9 +49,9 @@ def test_bad_values_and_missing_required(tmp_path):
     with pytest.raises(ValueError, match="--data"):
         TrainConfig(model="m", out="o").validate()
     with pytest.raises(ValueError, match="bank-size"):
-        TrainConfig(model="m", data=["x"], out="o", bank_size=64).validate()
+        TrainConfig(model="m", data=["x"], out="o", recipe={"bank_size": 64}).validate()
     with pytest.raises(ValueError, match="keep_schedule"):
-        TrainConfig(model="m", data=["x"], out="o", keep_schedule="exp").validate()
+        TrainConfig(model="m", data=["x"], out="o", recipe={"keep_schedule": "exp"}).validate()
 
 
 def test_cli_help_lists_every_field_and_print_config_merges(tmp_path, capsys):

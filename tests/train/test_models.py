@@ -1,8 +1,9 @@
 import torch
 
-from upcycle.toy import tiny_model
+from upcycle.recipes.bank_sparse.training import is_predictor_param
+from upcycle.testing import tiny_model
 from upcycle.train import TrainConfig
-from upcycle.train.models import configure, ffn_parameter_names, is_predictor_param
+from upcycle.train.models import configure, ffn_parameter_names
 
 
 def test_long_context_rope_settings_rebuild_the_rotary_embedding():

@@ -5,9 +5,10 @@ import torch
 
 import upcycle
 from upcycle.kernels.reference import bank_topk_mask
-from upcycle.modules import sparse_ffns
-from upcycle.toy import tiny_model
-from upcycle.train.schedules import apply_keep, aux_weight_at, keep_at, lr_factor
+from upcycle.recipes.bank_sparse.modules import sparse_ffns
+from upcycle.recipes.bank_sparse.training import apply_keep, aux_weight_at, keep_at
+from upcycle.testing import tiny_model
+from upcycle.train.schedules import lr_factor
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import upcycle
-from upcycle.modules import sparse_ffns
+from upcycle.recipes.bank_sparse.modules import sparse_ffns
 from upcycle.train import train
 
 

@@ -1,4 +1,4 @@
-"""`upcycle` command line: a thin layer over the library. One module per subcommand."""
+"""upcycle: turn a dense causal LM (HF directory or GGUF) into a sparse one, train it, evaluate it, run it."""
 
 from __future__ import annotations
 

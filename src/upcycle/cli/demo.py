@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from upcycle.demo import DemoConfig, format_table, run_demo
+    from upcycle.recipes.bank_sparse.demo import DemoConfig, format_table, run_demo
 
     cfg = DemoConfig.quick(args.out) if args.quick else DemoConfig(out=args.out)
     overrides = {k: getattr(args, k) for k in ("pretrain_steps", "train_steps", "keep", "threads")

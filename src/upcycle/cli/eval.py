@@ -36,7 +36,7 @@ examples:
 
 
 def add_parser(subparsers) -> None:
-    from upcycle.eval.baselines import BASELINES
+    from upcycle.eval import BASELINES
     from upcycle.eval.tasks import TASKS
 
     p = subparsers.add_parser(

@@ -28,7 +28,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 import torch
 
 import upcycle
-from upcycle.config import BankSparseConfig
 
 
 def _dtype(dtype) -> torch.dtype | None:
@@ -57,14 +56,15 @@ class UpcycleLM(HFLM):
     ) -> None:
         self._model = upcycle.load(pretrained, dtype=_dtype(dtype), device=self.device)
         if baseline:
-            from upcycle.eval.baselines import NEEDS_CALIBRATION, apply, resolve
+            from upcycle.eval import resolve_baseline
 
-            if resolve(baseline) in NEEDS_CALIBRATION:
+            recipe, name = resolve_baseline(baseline)
+            if name in recipe.baselines_need_calibration:
                 raise ValueError(
-                    f"baseline {baseline!r} needs calibration data: apply it in Python (upcycle.eval.baselines.apply), "
+                    f"baseline {baseline!r} needs calibration data: apply it in Python (upcycle.eval.apply_baseline), "
                     "then evaluate HFLM(pretrained=model, tokenizer=tok) with lm_eval.simple_evaluate."
                 )
-            apply(self._model, baseline, BankSparseConfig(bank_size=int(bank_size), keep=int(keep)))
+            recipe.apply_baseline(self._model, name, {"bank_size": int(bank_size), "keep": int(keep)})
 
 
 def main() -> None:

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,54 +22,6 @@ log = logging.getLogger(__name__)
 
 # Positions per log-softmax chunk: bounds the [batch, chunk, vocab] float32 buffers for long windows.
 LOGIT_CHUNK = 1024
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-def read_text(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
-    """The text of one file, or of several joined by a blank line; clear errors for bad paths."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if not paths:
-        raise ValueError("no data file given: pass one or more text files.")
-    texts = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise FileNotFoundError(f"data file {p} does not exist: pass a UTF-8 text file of held-out text.")
-        if p.is_dir():
-            raise ValueError(f"{p} is a directory: pass the text file(s) inside it.")
-        texts.append(p.read_text(encoding="utf-8", errors="replace"))
-    text = "\n\n".join(texts)
-    if not text.strip():
-        raise ValueError(f"data file(s) {', '.join(map(str, paths))} contain no text.")
-    return text
-
-
-def load_tokenizer(model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
-    """The checkpoint's tokenizer (or the one at `tokenizer`); ValueError saying what to do if none."""
-    from transformers import AutoTokenizer
-
-    src = tokenizer or model_dir
-    fix = "save the tokenizer with the checkpoint (tokenizer.save_pretrained(DIR)) or pass --tokenizer PATH."
-    # transformers 5 builds an empty tokenizer from config.json alone: require the tokenizer's own files
-    if Path(src).is_dir() and not any((Path(src) / f).exists() for f in TOKENIZER_FILES):
-        raise ValueError(f"{src} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {fix}")
-    try:
-        if Path(src).suffix == ".gguf":  # the tokenizer travels inside the GGUF file
-            tok = AutoTokenizer.from_pretrained(Path(src).parent, gguf_file=Path(src).name)
-        else:
-            tok = AutoTokenizer.from_pretrained(src)
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"no usable tokenizer in {src} ({type(e).__name__}: {first}): {fix}") from e
-    if len(tok) < 2:
-        raise ValueError(f"the tokenizer in {src} has {len(tok)} token(s): {fix}")
-    return tok
-
-
-def tokenize(tokenizer, text: str) -> Tensor:
-    """1-D LongTensor of the whole text's token ids."""
-    ids = tokenizer(text, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def windows(n_tokens: int, seq_len: int, stride: int | None = None, max_windows: int | None = None):

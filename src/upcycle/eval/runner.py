@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from upcycle.config import BankSparseConfig
-from upcycle.eval import baselines
-from upcycle.eval.perplexity import load_tokenizer, perplexity, read_text, tokenize
-from upcycle.eval.stats import FFNStats, swiglu_ffns
+from upcycle import hf
+from upcycle.data import load_tokenizer, read_text, tokenize
+from upcycle.eval.perplexity import perplexity
+from upcycle.eval.stats import FFNStats
 from upcycle.eval.tasks import run as run_tasks
-from upcycle.modules import BankSparseSwiGLU
+from upcycle.recipes import registry
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +23,18 @@ PathLike = str | os.PathLike
 
 
 def describe(model: nn.Module) -> dict:
-    """The sparsity layout of `model`: FFN layers, converted ones, bank size and keep per layer."""
-    ffns = swiglu_ffns(model)
-    sparse = [(i, m) for _, i, m in ffns if isinstance(m, BankSparseSwiGLU)]
-    return {
-        "kind": "bank-sparse" if sparse else "dense",
-        "ffn_layers": len(ffns),
-        "sparse_layers": len(sparse),
-        "bank_size": sparse[0][1].bank_size if sparse else None,
-        "keep": {str(i): m.keep for i, m in sparse},
-        "baseline": getattr(model, "upcycle_baseline", None),
-    }
+    """The sparsity layout of `model`, as its recipe describes it (a dense model: its FFN layers)."""
+    recipe = registry.for_model(model)
+    if recipe is not None and recipe.describe is not None:
+        return {"recipe": recipe.name, **recipe.describe(model)}
+    baseline = getattr(model, "upcycle_baseline", None)
+    if recipe is None and baseline is not None:  # a baseline applied to a model converted on the fly
+        owner = registry.baselines().get(baseline)
+        if owner is not None and owner[0].describe is not None:
+            return {"recipe": owner[0].name, **owner[0].describe(model)}
+    ffns = hf.glu_modules(model)
+    return {"recipe": None, "kind": "dense", "ffn_layers": len(ffns), "sparse_layers": 0, "bank_size": None,
+            "keep": {}, "baseline": baseline}
 
 
 def _calibration_ids(paths: Sequence[PathLike], tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
@@ -77,7 +78,7 @@ def evaluate(
 
     `model`/`reference`: checkpoint directories (loaded with `upcycle.load`) or loaded models; with a
     model object pass `tokenizer` (an object or a path). `baseline` applies a post-hoc recipe first
-    (see `upcycle.eval.baselines`; the calibrated ones need `calib_data`). Returns a JSON-ready dict
+    (any recipe's, by name: `upcycle.eval.BASELINES`; the calibrated ones need `calib_data`). Returns a JSON-ready dict
     with at least "ppl" (None without `data`) and "ffn_density".
     """
     import upcycle
@@ -95,9 +96,9 @@ def evaluate(
             raise ValueError("a model object needs its tokenizer: pass tokenizer= (an object or a path).")
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     if baseline:
-        canon = baselines.resolve(baseline)
+        recipe, canon = resolve_baseline(baseline)
         calib = None
-        if canon in baselines.NEEDS_CALIBRATION:
+        if canon in recipe.baselines_need_calibration:
             if not calib_data:
                 raise ValueError(
                     f"baseline {canon!r} needs calibration text: pass --calib-data PATH (text disjoint from --data)."
@@ -107,8 +108,7 @@ def evaluate(
             }:
                 log.warning("calibration and evaluation text overlap: the baseline is calibrated on its test data")
             calib = _calibration_ids(_list(calib_data), tok, calib_tokens, seq_len)
-        cfg = BankSparseConfig(bank_size=bank_size, keep=keep, calibrate_steps=calib_steps)
-        baselines.apply(model, canon, cfg, calib)
+        recipe.apply_baseline(model, canon, {"bank_size": bank_size, "keep": keep, "calib_steps": calib_steps}, calib)
     ref_name = None
     if isinstance(reference, (str, os.PathLike)):
         ref_name = str(reference)
@@ -136,6 +136,16 @@ def evaluate(
         out["task_config"] = {"lengths": list(lengths), "samples": samples, "seed": seed,
                               "haystack": [str(p) for p in _list(haystack)] if haystack else "noise"}
     return out
+
+
+def resolve_baseline(name: str):
+    """(recipe, canonical name) of a baseline; ValueError listing every recipe's baselines."""
+    known = registry.baselines()
+    for recipe in registry.load_all():  # aliases are each recipe's own
+        name = recipe.baseline_aliases.get(name, name)
+    if name not in known:
+        raise ValueError(f"unknown baseline {name!r}: choose one of {', '.join(known)}.")
+    return known[name][0], name
 
 
 def _list(paths) -> list:

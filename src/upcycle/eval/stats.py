@@ -16,28 +16,24 @@ the model ran on:
 - `recall`: fraction of the oracle set (top `target_keep` of |h| per bank, h = act(g) * u computed
   densely) that the used channels cover; None for layers without a bank-sparse config (dense).
 - `mass_kept`: sum of |h| over the used channels / sum of |h|, averaged over tokens.
+
+An FFN module counts as bank-sparse when it has `bank_size` and `target_keep` (and, for forwards that skip
+`down_proj` in a fused kernel, `kept_mask(x)`): the statistics need no recipe class.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from upcycle import hf
 from upcycle.kernels.reference import bank_topk_mask
-from upcycle.modules import BankSparseSwiGLU
 
 
-def swiglu_ffns(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
-    """(name, layer index, module) of every SwiGLU FFN, bank-sparse or dense, in model order."""
-    found = []
-    for name, m in model.named_modules():
-        if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
-            numbers = re.findall(r"\.(\d+)\.", f".{name}.")
-            found.append((name, int(numbers[-1]) if numbers else len(found), m))
-    return found
+def _is_bank_sparse(m: nn.Module) -> bool:
+    return hasattr(m, "bank_size") and hasattr(m, "target_keep")
 
 
 @dataclass
@@ -105,10 +101,10 @@ class FFNStats:
 
     def __init__(self, model: nn.Module, bank_size: int | None = None):
         self.model = model
-        self.ffns = swiglu_ffns(model)
+        self.ffns = hf.glu_modules(model)
         if not self.ffns:
             raise ValueError(f"{type(model).__name__} has no SwiGLU FFN (gate_proj, up_proj, down_proj) to measure.")
-        sparse_banks = [m.bank_size for _, _, m in self.ffns if isinstance(m, BankSparseSwiGLU)]
+        sparse_banks = [m.bank_size for _, _, m in self.ffns if _is_bank_sparse(m)]
         self.default_bank = bank_size or (sparse_banks[0] if sparse_banks else 64)
         self.counters: list[LayerCounters] = []
         self._hooks: list = []
@@ -119,7 +115,7 @@ class FFNStats:
         self.counters = []
         for _, idx, m in self.ffns:
             d_ff = m.gate_proj.out_features
-            sparse = isinstance(m, BankSparseSwiGLU)
+            sparse = _is_bank_sparse(m)
             bank = m.bank_size if sparse else (self.default_bank if d_ff % self.default_bank == 0 else d_ff)
             self.counters.append(LayerCounters(idx, d_ff, bank, m.target_keep if sparse else None, sparse))
 
@@ -149,10 +145,10 @@ class FFNStats:
         if x is None:
             return
         x = x.reshape(-1, x.shape[-1])
-        if used is None:  # a fused kernel ran without calling down_proj: rebuild the predictor's mask
-            if not isinstance(m, BankSparseSwiGLU):
+        if used is None:  # a fused kernel ran without calling down_proj: rebuild the module's mask
+            if not hasattr(m, "kept_mask"):
                 return
-            used = bank_topk_mask(m.routing_logits(x), m.bank_size, m.keep)
+            used = m.kept_mask(x)
         h_abs = (m.act_fn(m.gate_proj(x)) * m.up_proj(x)).abs().float()
         self.counters[j].add(used.reshape(-1, used.shape[-1]), h_abs)
 

@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from upcycle.io import atomic_directory
+from upcycle.fsutil import atomic_directory
 from upcycle.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,18 @@
 
 Every field is a YAML key and a flag (`seq_len` <-> `--seq-len`); flags override YAML, YAML overrides
 the defaults here. Field metadata `help` is the flag's help text.
+
+The recipe's own settings live in the nested `recipe:` section, not in TrainConfig's fields:
+
+    recipe:
+      name: bank_sparse          # default: the recipe the --model checkpoint was converted with
+      keep_warmup_steps: 200     # a training option of the recipe (its train hooks read it)
+      bank_size: 64              # conversion fields convert a dense --model on the fly
+      keep: 16
+
+Each registered recipe declares flags for its keys (`upcycle train --keep-warmup-steps 200 --keep 16`);
+flags and flat YAML keys of that name land in the section. `resolve_recipe()` turns the section into the
+recipe's typed config and options, with errors naming the key.
 """
 
 from __future__ import annotations
@@ -9,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -30,13 +43,10 @@ class TrainConfig:
     data: list[str] = _f([], "text files, directories, .jsonl (field `text`) or .parquet files")
     out: str | None = _f(None, "output dir: metrics.jsonl, checkpoints/, model/ (the final model), loss_curve.png")
     tokenizer: str | None = _f(None, "tokenizer dir (default: the --model dir)")
-    teacher: str | None = _f(None, "dense teacher checkpoint (default: --model loaded again and made dense)")
-    # --- on-the-fly conversion of a dense --model ---
-    bank_size: int | None = _f(None, "convert a dense --model with this bank size (needs --keep)")
-    keep: int | None = _f(None, "channels kept per bank when converting a dense --model")
-    predictor_budget: float = _f(0.10, "predictor bytes per token / dense FFN bytes, when converting (see convert)")
-    predictor_rank: int | None = _f(None, "pin a low-rank predictor of this rank when converting")
-    gate_mode: Literal["ste", "sigmoid"] = _f("ste", "gate when converting: ste (hard 0/1) or sigmoid")
+    teacher: str | None = _f(None, "dense teacher checkpoint (default: the recipe's dense form of --model, "
+                             "or the parent recorded in its metadata)")
+    # --- the recipe ---
+    recipe: dict = _f({}, "recipe NAME (default: the --model checkpoint's); its keys are the recipe flags below")
     # --- data ---
     seq_len: int = _f(2048, "tokens per packed training sequence")
     text_split: Literal["document", "paragraph", "line"] = _f(
@@ -56,22 +66,16 @@ class TrainConfig:
     lr: float = _f(1e-4, "peak learning rate")
     min_lr_ratio: float = _f(0.1, "final LR of the cosine decay, as a fraction of --lr")
     lr_warmup_steps: int | None = _f(None, "linear LR warm-up steps (default: 5% of --steps)")
-    predictor_lr_mult: float = _f(10.0, "LR multiplier of predictor parameters (fresh, unlike the pretrained rest)")
     weight_decay: float = _f(0.0, "AdamW weight decay of matrices (never norms, biases, the predictor gate scale)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm (0: off)")
-    train_only: Literal["all", "ffn"] = _f("all", "ffn: freeze everything except FFN and predictor parameters")
+    train_only: Literal["all", "ffn"] = _f("all", "ffn: freeze everything except the FFN (and routing) parameters")
     # --- objective ---
     distill_weight: float = _f(1.0, "weight of KL(teacher || student) on logits; 0 turns distillation off")
     distill_temperature: float = _f(1.0, "softmax temperature of the distillation KL (scaled by T^2)")
     feature_distill_weight: float = _f(0.0, "weight of the per-layer normalised MSE to the teacher's layer outputs")
-    aux_weight: float = _f(0.0, "weight of the BCE pulling the predictor toward the oracle top-k of |h|")
-    aux_steps: int = _f(0, "the aux weight decays linearly to 0 over this many steps (0: constant)")
     loss_chunk_tokens: int = _f(2048, "compute logits and losses this many tokens at a time (0: all at once)")
-    # --- sparsity schedule ---
-    keep_warmup_steps: int = _f(0, "keep goes from bank_size to the target over this many steps (0: target at step 0)")
-    keep_schedule: Literal["linear", "cosine"] = _f("linear", "shape of the keep warm-up")
     # --- efficiency ---
     device: str = _f("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu or cuda")
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
@@ -97,13 +101,24 @@ class TrainConfig:
     def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a mapping of TrainConfig keys, got {type(d).__name__}.")
+        d = dict(d)
+        section = d.pop("recipe", None) or {}
+        if isinstance(section, str):
+            section = {"name": section}
+        if not isinstance(section, dict):
+            raise ValueError(f"{source}: recipe must be a recipe name or a mapping, got {type(section).__name__}.")
+        section = dict(section)
         names = [f.name for f in dataclasses.fields(cls)]
+        recipe_keys = recipe_flag_keys()
+        for k in [k for k in d if k not in names and k in recipe_keys]:
+            section[k] = d.pop(k)  # a flat key of a recipe flag: the same as the flag
         bad = [k for k in d if k not in names]
         if bad:
-            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else repr(k)
+            valid = names + sorted(recipe_keys)
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else repr(k)
                      for k in bad]
-            raise ValueError(f"{source}: unknown key(s) {', '.join(hints)}. Valid keys: {', '.join(names)}.")
-        cfg = cls(**{k: _coerce(cls, k, v, source) for k, v in d.items()})
+            raise ValueError(f"{source}: unknown key(s) {', '.join(hints)}. Valid keys: {', '.join(valid)}.")
+        cfg = cls(**{k: _coerce(cls, k, v, source) for k, v in d.items()}, recipe=section)
         return cfg
 
     @classmethod
@@ -141,12 +156,14 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{_flag(name)}).")
-        for name in ("eval_every", "save_every", "lr_warmup_steps", "keep_warmup_steps", "aux_steps",
-                     "loss_chunk_tokens", "val_max_sequences"):
+        for name in _fields(type(self)):  # nan / inf pass every comparison below: refuse them first
+            v = getattr(self, name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{name}={v} is not a finite number (--{_flag(name)}).")
+        for name in ("eval_every", "save_every", "lr_warmup_steps", "loss_chunk_tokens", "val_max_sequences"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (--{_flag(name)}).")
-        for name in ("distill_weight", "feature_distill_weight", "aux_weight", "weight_decay", "grad_clip",
-                     "predictor_lr_mult"):
+        for name in ("distill_weight", "feature_distill_weight", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (--{_flag(name)}).")
         if self.lr <= 0 or self.distill_temperature <= 0:
@@ -155,13 +172,68 @@ class TrainConfig:
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}.")
-        if (self.bank_size is None) != (self.keep is None):
-            raise ValueError("--bank-size and --keep go together (they convert a dense --model on the fly).")
         for name, f in _fields(type(self)).items():
             choices = _choices(f)
             if choices and getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}.")
+        self.resolve_recipe()
         return self
+
+    def resolve_recipe(self) -> ResolvedRecipe:
+        """The recipe section as typed objects: the recipe (None: the model's own, decided when it loads),
+        its conversion config for a dense --model (None: no on-the-fly conversion) and its training options."""
+        from upcycle.recipes import registry
+
+        section = dict(self.recipe)
+        name = section.pop("name", None)
+        if name is None and section:
+            owners = [r for r in registry.load_all() if r.cli and set(section) <= set(r.cli.train_flags)]
+            if len(owners) != 1:
+                raise ValueError(f"recipe keys {sorted(section)}: name the recipe (--recipe NAME, one of "
+                                 f"{', '.join(registry.names())}).")
+            name = owners[0].name
+        if name is None:
+            return ResolvedRecipe(None, None, None)
+        recipe = registry.get(name)
+        convert_fields = {f.name: f for f in dataclasses.fields(recipe.config_cls)}
+        option_fields = {f.name: f for f in dataclasses.fields(recipe.train_options_cls or _NoOptions)}
+        bad = [k for k in section if k not in convert_fields and k not in option_fields]
+        if bad:
+            valid = sorted(set(convert_fields) | set(option_fields))
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else repr(k)
+                     for k in bad]
+            raise ValueError(f"recipe {name}: unknown key(s) {', '.join(hints)}. Valid keys: {', '.join(valid)}.")
+        where = f"recipe {name}"
+        conv = {k: _coerce(recipe.config_cls, k, v, where) for k, v in section.items() if k in convert_fields}
+        opts = {k: _coerce(recipe.train_options_cls, k, v, where) for k, v in section.items() if k in option_fields}
+        try:
+            config = recipe.train_convert_config(conv) if conv and recipe.train_convert_config else None
+            if conv and recipe.train_convert_config is None:
+                raise ValueError(f"recipe {name} does not convert a dense --model during training: run "
+                                 "`upcycle convert` first.")
+            options = recipe.train_options_cls(**opts) if recipe.train_options_cls else None
+        except TypeError as e:
+            raise ValueError(f"{where}: {e}") from e
+        return ResolvedRecipe(recipe, config, options)
+
+
+@dataclass
+class _NoOptions:
+    pass
+
+
+@dataclass(frozen=True)
+class ResolvedRecipe:
+    recipe: Any  # upcycle.recipes.Recipe | None
+    convert_config: Any  # the recipe's config for an on-the-fly conversion, or None
+    options: Any  # the recipe's training options, or None (its defaults)
+
+
+def recipe_flag_keys() -> set[str]:
+    """Every key a registered recipe declares as an `upcycle train` flag."""
+    from upcycle.recipes import registry
+
+    return {k for r in registry.load_all() if r.cli for k in r.cli.train_flags}
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -232,16 +304,24 @@ def _coerce(cls, name: str, value: Any, source: str) -> Any:
         raise ValueError(f"{source}: {name}={value!r} is not a valid {tp.__name__}.") from e
 
 
+RECIPE_DEST = "recipe."  # argparse dest prefix of recipe flags
+
+
 def add_config_arguments(parser) -> None:
-    """One argparse flag per TrainConfig field; unset flags stay absent (so YAML values survive)."""
+    """One argparse flag per TrainConfig field, then one group per recipe with its flags; unset flags stay
+    absent (so YAML values survive)."""
     import argparse
+
+    from upcycle.recipes import registry
 
     for name, f in _fields(TrainConfig).items():
         tp = _base_type(_hints(TrainConfig)[name])
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        text = f.metadata.get("help", "") + ("" if default in (None, []) or tp is bool else f" [{default}]")
+        text = f.metadata.get("help", "") + ("" if default in (None, [], {}) or tp is bool else f" [{default}]")
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
-        if tp is bool:
+        if name == "recipe":
+            kw.update(metavar="NAME", choices=registry.names())
+        elif tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif tp is list:
             kw["nargs"] = "+"
@@ -250,6 +330,18 @@ def add_config_arguments(parser) -> None:
             if _choices(f):
                 kw["choices"] = _choices(f)
         parser.add_argument(f"--{_flag(name)}", **kw)
+    seen: set[str] = set()
+    for r in registry.load_all():
+        if not r.cli or not r.cli.train_flags:
+            continue
+        group = parser.add_argument_group(f"{r.name} recipe (--recipe {r.name})", r.summary)
+        for key, spec in r.cli.train_flags.items():
+            if key in seen:  # two recipes with a flag of one name share it
+                continue
+            seen.add(key)
+            spec = dict(spec)
+            spec["help"] = spec.get("help", "").replace("%", "%%")
+            group.add_argument(f"--{_flag(key)}", dest=RECIPE_DEST + key, default=argparse.SUPPRESS, **spec)
 
 
 def config_from_args(args, yaml_path: str | None = None) -> TrainConfig:
@@ -257,5 +349,14 @@ def config_from_args(args, yaml_path: str | None = None) -> TrainConfig:
     d = read_yaml(yaml_path) if yaml_path else {}
     if yaml_path:
         TrainConfig.from_dict(d, source=yaml_path)  # report bad YAML keys before flags are merged
-    d.update({k: v for k, v in vars(args).items() if k in _fields(TrainConfig)})
+    flags = vars(args)
+    d.update({k: v for k, v in flags.items() if k in _fields(TrainConfig) and k != "recipe"})
+    section = d.get("recipe") or {}
+    section = dict({"name": section} if isinstance(section, str) else section)
+    for k in [k for k in list(d) if k in recipe_flag_keys()]:  # flat YAML keys first, flags win over them
+        section[k] = d.pop(k)
+    if "recipe" in flags:
+        section["name"] = flags["recipe"]
+    section.update({k[len(RECIPE_DEST):]: v for k, v in flags.items() if k.startswith(RECIPE_DEST)})
+    d["recipe"] = section
     return TrainConfig.from_dict(d, source=yaml_path or "flags")

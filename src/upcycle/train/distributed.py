@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from upcycle import hf
+
 
 @dataclass
 class DistEnv:
@@ -86,14 +88,6 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return env
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks (Llama/Qwen2/Mistral keep them in `model.model.layers`)."""
-    layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: no decoder `layers` ModuleList to shard with FSDP2.")
-    return list(layers)
-
-
 def shard(objective: nn.Module, env: DistEnv, bf16: bool) -> nn.Module:
     """FSDP2: one unit per decoder layer, the objective as root. bf16 compute, fp32 gradient reduction."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -101,7 +95,7 @@ def shard(objective: nn.Module, env: DistEnv, bf16: bool) -> nn.Module:
 
     mesh = init_device_mesh(env.device.type, (env.world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    for layer in decoder_layers(objective.model):
+    for layer in hf.decoder_layers(objective.model):
         fully_shard(layer, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
     fully_shard(objective, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
     return objective

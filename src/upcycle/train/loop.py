@@ -1,4 +1,8 @@
-"""`train(config)`: continual training of a bank-sparse (or dense) model, one process or many (torchrun)."""
+"""`train(config)`: continual training of a converted (or dense) model, one process or many (torchrun).
+
+The loop is recipe-agnostic: the recipe the model was converted with supplies `TrainHooks` (optimizer
+groups, per-step schedules, auxiliary losses by name, a post-optimizer-step hook); a dense model trains
+with the no-op hooks (the matched-token dense control)."""
 
 from __future__ import annotations
 
@@ -17,22 +21,17 @@ import torch
 from torch import nn
 
 import upcycle
-from upcycle.modules import sparse_ffns
+from upcycle.data import load_tokenizer
+from upcycle.data.packing import PackedData, build_data
+from upcycle.recipes import registry
+from upcycle.recipes.registry import TrainHooks
 from upcycle.train import checkpoint as ckpt
 from upcycle.train.config import TrainConfig
-from upcycle.train.data import PackedData, build_data, load_tokenizer
 from upcycle.train.distributed import DistEnv, init_distributed, shard
-from upcycle.train.losses import Objective, record_aux, teacher_hidden_states
 from upcycle.train.metrics import MetricsLog, plot_loss_curve
-from upcycle.train.models import (
-    DTYPES,
-    build_student,
-    build_teacher,
-    ffn_parameter_names,
-    is_predictor_param,
-    module_bytes,
-)
-from upcycle.train.schedules import apply_keep, aux_weight_at, lr_factor
+from upcycle.train.models import DTYPES, build_student, build_teacher, ffn_parameter_names, module_bytes, train_hooks
+from upcycle.train.objective import Objective, teacher_hidden_states
+from upcycle.train.schedules import lr_factor
 
 log = logging.getLogger("upcycle.train")
 
@@ -72,24 +71,32 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def build_optimizer(objective: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; groups: matrices (decay), vectors (no decay), predictor (LR x predictor_lr_mult, no decay)."""
-    groups: dict[str, list] = {"decay": [], "no_decay": [], "predictor": []}
+def build_optimizer(objective: nn.Module, cfg: TrainConfig, hooks: TrainHooks | None = None) -> torch.optim.Optimizer:
+    """AdamW (or the recipe's optimizer); groups: matrices (decay), vectors (no decay), then the recipe's
+    groups (e.g. the bank-sparse predictor: LR x predictor_lr_mult, no decay)."""
+    hooks = hooks or TrainHooks()
+    groups: dict[str, list] = {"decay": [], "no_decay": [], **{k: [] for k in hooks.param_groups}}
     for name, p in objective.named_parameters():
         if not p.requires_grad:
             continue
-        key = "predictor" if is_predictor_param(name) else "decay" if p.ndim >= 2 else "no_decay"
+        key = hooks.param_group(name.removeprefix("model.")) or ("decay" if p.ndim >= 2 else "no_decay")
         groups[key].append(p)
     spec = [
-        {"params": groups["decay"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": groups["no_decay"], "lr": cfg.lr, "weight_decay": 0.0},
-        {"params": groups["predictor"], "lr": cfg.lr * cfg.predictor_lr_mult, "weight_decay": 0.0},
+        {"params": groups["decay"], "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "decay"},
+        {"params": groups["no_decay"], "lr": cfg.lr, "weight_decay": 0.0, "name": "no_decay"},
     ]
+    for key, opts in hooks.param_groups.items():
+        spec.append({"params": groups[key], "lr": cfg.lr * opts.get("lr_mult", 1.0),
+                     "weight_decay": opts.get("weight_decay", cfg.weight_decay), "name": key})
     spec = [g for g in spec if g["params"]]
     if not spec:
         raise ValueError("no trainable parameters (train_only='ffn' on a model without SwiGLU FFNs?).")
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    custom = hooks.optimizer(spec, betas)
+    if custom is not None:
+        return custom
     fused = all(g["params"][0].is_cuda for g in spec)
-    return torch.optim.AdamW(spec, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
+    return torch.optim.AdamW(spec, betas=betas, fused=fused or None)
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -165,7 +172,9 @@ class _Trainer:
         self.data = build_data(cfg, self.tokenizer, env.is_main, env.barrier)
 
         student, self.saved_dtype = build_student(cfg)
-        self.sparse = any(True for _ in sparse_ffns(student))
+        self.recipe = registry.for_model(student)
+        self.sparse = self.recipe is not None
+        self.hooks = train_hooks(student, cfg)
         if cfg.train_only == "ffn":
             keep = ffn_parameter_names(student)
             for n, p in student.named_parameters():
@@ -179,19 +188,19 @@ class _Trainer:
             tdtype = DTYPES["bf16" if cfg.teacher_dtype == "auto" and env.device.type == "cuda" else
                             "fp32" if cfg.teacher_dtype == "auto" else cfg.teacher_dtype]
             before = torch.cuda.memory_allocated(env.device) if env.device.type == "cuda" else 0
-            self.teacher = build_teacher(cfg, env.device, tdtype)
+            self.teacher, teacher_from = build_teacher(cfg, env.device, tdtype)
             if self.teacher.config.vocab_size != student.config.vocab_size:
                 raise ValueError(f"teacher vocab {self.teacher.config.vocab_size} != student vocab "
                                  f"{student.config.vocab_size}: pass a --teacher with the student's tokenizer.")
             self.teacher_info = {
-                "path": cfg.teacher or f"{cfg.model} (made dense)", "dtype": str(tdtype).removeprefix("torch."),
+                "path": teacher_from, "dtype": str(tdtype).removeprefix("torch."),
                 "param_bytes": module_bytes(self.teacher),
                 "device_bytes": (torch.cuda.memory_allocated(env.device) - before) if env.device.type == "cuda"
                 else None,
             }
         if env.world > 1:
             shard(self.objective, env, self.bf16)
-        self.optimizer = build_optimizer(self.objective, cfg)
+        self.optimizer = build_optimizer(self.objective, cfg, self.hooks)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
         self.state = {"step": 0, "consumed": 0, "tokens": 0, "seq_len": cfg.seq_len, "seed": cfg.seed}
@@ -213,7 +222,7 @@ class _Trainer:
         n_params = sum(p.numel() for p in student.parameters())
         info = {
             "world_size": env.world, "device": str(env.device), "bf16_autocast": self.bf16,
-            "sparse": self.sparse, "parameters": n_params,
+            "sparse": self.sparse, "recipe": self.recipe.name if self.recipe else None, "parameters": n_params,
             "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
             "global_batch_sequences": self.global_batch, "tokens_per_step": self.global_batch * cfg.seq_len,
             "train_sequences": len(self.data.train_idx), "val_sequences": len(self.data.val_idx),
@@ -221,7 +230,7 @@ class _Trainer:
         }
         (self.out / "run_info.json").write_text(json.dumps(info, indent=1))
         log.info("training %s%s model, %.1fM params, %d process(es) on %s, %d tokens/step",
-                 "bank-sparse" if self.sparse else "dense", " (FFN only)" if cfg.train_only == "ffn" else "",
+                 self.recipe.name if self.recipe else "dense", " (FFN only)" if cfg.train_only == "ffn" else "",
                  n_params / 1e6, env.world, env.device, info["tokens_per_step"])
         if self.teacher_info:
             t = self.teacher_info
@@ -235,27 +244,30 @@ class _Trainer:
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict:
-        cfg, env, objective = self.cfg, self.env, self.objective
-        keep = apply_keep(objective.model, step, cfg.keep_warmup_steps, cfg.keep_schedule)
-        aux_w = aux_weight_at(step, cfg.aux_weight, cfg.aux_steps) if self.sparse else 0.0
-        record_aux(objective.model, aux_w > 0)
+        cfg, env, objective, hooks = self.cfg, self.env, self.objective, self.hooks
+        schedule = self.last_schedule = hooks.before_step(step)  # shown on the progress bar too
+        aux_weights = hooks.aux_weights(step)
+        hooks.begin_aux(set(aux_weights))
         head = self.teacher.get_output_embeddings() if self.teacher is not None else None
-        sums = torch.zeros(5, dtype=torch.float64)
+        sums: dict[str, float] = {}
         features = cfg.feature_distill_weight > 0
-        for micro in range(cfg.grad_accum):
-            ids = self.data.micro_batch(self.state["consumed"], self.global_batch, env.rank, micro,
-                                        cfg.batch_size, cfg.grad_accum).to(env.device)
-            if env.world > 1:  # reduce-scatter gradients once per step, not per micro-batch
-                objective.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            with _autocast(env.device, self.bf16):
-                th = teacher_hidden_states(self.teacher, ids, features) if self.teacher is not None else None
-                tf = None
-                if features:
-                    th, tf = th
-                parts = objective(ids, th, head, aux_w, tf)
-            (parts["loss"] / cfg.grad_accum).backward()
-            sums += torch.stack([parts[k].detach().double().cpu() for k in ("loss", "ce", "kl", "aux", "feat")])
-        record_aux(objective.model, False)
+        try:
+            for micro in range(cfg.grad_accum):
+                ids = self.data.micro_batch(self.state["consumed"], self.global_batch, env.rank, micro,
+                                            cfg.batch_size, cfg.grad_accum).to(env.device)
+                if env.world > 1:  # reduce-scatter gradients once per step, not per micro-batch
+                    objective.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+                with _autocast(env.device, self.bf16):
+                    th = teacher_hidden_states(self.teacher, ids, features) if self.teacher is not None else None
+                    tf = None
+                    if features:
+                        th, tf = th
+                    parts = objective(ids, th, head, aux_weights, tf)
+                (parts["loss"] / cfg.grad_accum).backward()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach().double().cpu())
+        finally:
+            hooks.end_aux()
         params = [p for p in objective.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):
@@ -263,16 +275,19 @@ class _Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, ce, kl, aux, feat = env.mean((sums / cfg.grad_accum).tolist())
-        record = {"loss": loss, "ce": ce, "lr": cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps,
-                                                                   cfg.min_lr_ratio),
-                  "keep": keep, "grad_norm": float(grad_norm)}
+        hooks.after_optimizer_step(step)
+        names = sorted(sums)  # every rank has the same names: one all-reduce of all of them
+        means = dict(zip(names, env.mean([sums[k] / cfg.grad_accum for k in names]), strict=True))
+        record = {"loss": means["loss"], "ce": means["ce"],
+                  "lr": cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio),
+                  **schedule, "grad_norm": float(grad_norm)}
         if self.teacher is not None:
-            record["kl"] = kl
-        if aux_w > 0:
-            record["aux"], record["aux_weight"] = aux, aux_w
+            record["kl"] = means["kl"]
+        for name, w in aux_weights.items():
+            record[name], record[f"{name}_weight"] = means.get(name, 0.0), w
         if features:
-            record["feat"] = feat
+            record["feat"] = means["feat"]
+        record.update(hooks.step_metrics())
         return record
 
     # ------------------------------------------------------------------ the loop
@@ -314,8 +329,9 @@ class _Trainer:
                     if not cfg.progress and env.is_main:
                         log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", keep=_fmt(record["keep"]),
-                                tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                shown = {k: _fmt(v) for k, v in self.last_schedule.items() if v is not None}
+                bar.set_postfix(loss=f"{record['loss']:.3f}", **shown, tok_s=f"{record['tokens_per_s']:.0f}",
+                                refresh=False)
                 if on_step is not None:
                     on_step(step + 1, record)
                 stopping = env.any(stop.requested)
@@ -349,14 +365,12 @@ class _Trainer:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            keeps = {name: m.keep for name, m in sparse_ffns(model)}
             if not env.is_main:
                 env.barrier()
                 return None
             model, _ = build_student(cfg)
             model.load_state_dict(full)
-            for name, m in sparse_ffns(model):
-                m.keep = keeps[name]
+            train_hooks(model, cfg).before_step(self.state["step"] - 1)  # schedules: pure functions of the step
         elif not env.is_main:
             return None
         if cfg.gradient_checkpointing:

@@ -1,4 +1,5 @@
-"""Student and teacher models for training: loading, on-the-fly conversion, attention / RoPE settings."""
+"""Student and teacher models for training: loading, on-the-fly conversion, the recipe's hooks,
+attention / RoPE settings."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from torch import nn
 
 import upcycle
-from upcycle.modules import BankSparseSwiGLU, sparse_ffns
+from upcycle import hf
+from upcycle.recipes import registry
 
 log = logging.getLogger(__name__)
 
@@ -53,27 +55,33 @@ def configure(model: nn.Module, cfg) -> nn.Module:
 
 
 def build_student(cfg) -> tuple[nn.Module, torch.dtype]:
-    """(fp32 training model on CPU, dtype of the checkpoint on disk)."""
+    """(fp32 training model on CPU, dtype of the checkpoint on disk); a dense --model is converted on the fly
+    when the recipe section holds conversion fields (e.g. --bank-size/--keep)."""
     model = upcycle.load(cfg.model)
     saved = floating_dtype(model)
     model.float()
-    converted = any(True for _ in sparse_ffns(model))
-    if cfg.bank_size is not None:
-        if converted:
-            m = next(m for _, m in sparse_ffns(model))
-            if (m.bank_size, m.target_keep) != (cfg.bank_size, cfg.keep):
-                raise ValueError(
-                    f"{cfg.model} is already converted (bank_size={m.bank_size}, keep={m.target_keep}); drop "
-                    "--bank-size/--keep or pass the dense checkpoint."
-                )
+    plan = cfg.resolve_recipe()
+    recipe = registry.for_model(model)
+    if plan.convert_config is not None:
+        if recipe is not None:
+            have = recipe.config_from_section(registry.metadata_of(model).section, cfg.model)
+            given = {k: getattr(plan.convert_config, k) for k in cfg.recipe if hasattr(have, k)}
+            diff = {k: (getattr(have, k), v) for k, v in given.items() if getattr(have, k) != v}
+            if diff or recipe is not plan.recipe:
+                saved_str = ", ".join(f"{k}={a}" for k, (a, _) in diff.items()) or recipe.name
+                raise ValueError(f"{cfg.model} is already converted ({saved_str}); drop the conversion flags "
+                                 f"({', '.join('--' + k.replace('_', '-') for k in diff or given)}) or pass the "
+                                 "dense checkpoint.")
         else:
-            sparse = upcycle.BankSparseConfig(
-                bank_size=cfg.bank_size, keep=cfg.keep, predictor_rank=cfg.predictor_rank,
-                predictor_budget=cfg.predictor_budget, gate_mode=cfg.gate_mode, predictor_init="svd")
-            upcycle.convert(model, sparse, progress=False)
-    elif not converted:
+            upcycle.convert(model, plan.convert_config, progress=False)
+            recipe = plan.recipe
+    elif recipe is None:
         log.warning("%s is a dense model: training it densely (a matched-token dense control). Convert it first "
-                    "(`upcycle convert`) or pass --bank-size/--keep to train a sparse one.", cfg.model)
+                    "(`upcycle convert`) or pass the recipe's conversion flags (e.g. --bank-size/--keep) to train a "
+                    "sparse one.", cfg.model)
+    elif plan.recipe is not None and plan.recipe is not recipe:
+        raise ValueError(f"{cfg.model} was converted with recipe {recipe.name!r}, not {plan.recipe.name!r}: drop "
+                         f"--recipe {plan.recipe.name} or pass a checkpoint of that recipe.")
     configure(model, cfg)
     if cfg.gradient_checkpointing:
         # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; 4.x has the old name
@@ -84,15 +92,40 @@ def build_student(cfg) -> tuple[nn.Module, torch.dtype]:
     return model.train(), saved
 
 
-def build_teacher(cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The frozen dense teacher: --teacher, or --model loaded again and made dense (the dense parent at step 0)."""
+def train_hooks(model: nn.Module, cfg) -> registry.TrainHooks:
+    """The hooks of the recipe `model` is converted with (a dense model: the no-op hooks)."""
+    recipe = registry.for_model(model)
+    options = cfg.resolve_recipe().options
+    if recipe is None or recipe.train_hooks is None:
+        if options is not None:
+            log.warning("recipe options %s have no effect on a dense model", sorted(cfg.recipe))
+        return registry.TrainHooks()
+    return recipe.train_hooks(model, options)
+
+
+def build_teacher(cfg, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """The frozen dense teacher and where it came from: --teacher; else the recipe's dense form of --model
+    (bank-sparse: the same weights with dense FFNs, i.e. the dense parent at step 0); else the dense parent
+    recorded in the checkpoint's metadata (`source`, written by `upcycle convert`)."""
     path = cfg.teacher or cfg.model
     teacher = upcycle.load(path)
-    if any(True for _ in sparse_ffns(teacher)):
-        upcycle.to_dense(teacher)
+    where = str(path)
+    recipe = registry.for_model(teacher)
+    if recipe is not None:
+        if recipe.to_dense is not None:
+            recipe.to_dense(teacher)
+            where = f"{path} (made dense)"
+        else:
+            source = registry.metadata_of(teacher).extra.get("source")
+            if cfg.teacher or not source:
+                raise ValueError(f"{path} ({recipe.name}) has no dense form and records no dense parent: pass "
+                                 "--teacher DENSE_DIR.")
+            teacher, where = upcycle.load(source), f"{source} (the parent recorded in {path})"
+            if registry.for_model(teacher) is not None:
+                raise ValueError(f"the recorded parent {source} is not a dense checkpoint: pass --teacher DENSE_DIR.")
     configure(teacher, cfg)
     teacher.requires_grad_(False)
-    return teacher.to(device=device, dtype=dtype).eval()
+    return teacher.to(device=device, dtype=dtype).eval(), where
 
 
 def module_bytes(model: nn.Module) -> int:
@@ -100,11 +133,6 @@ def module_bytes(model: nn.Module) -> int:
 
 
 def ffn_parameter_names(model: nn.Module) -> set[str]:
-    """Names of every FFN parameter (dense weights, predictor, gate scale) of sparse and dense SwiGLUs."""
-    prefixes = [name + "." for name, m in model.named_modules()
-                if isinstance(m, BankSparseSwiGLU) or all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj"))]
+    """Names of every FFN parameter (dense weights and any routing parameters under the FFN module)."""
+    prefixes = [name + "." for name, _, _ in hf.glu_modules(model)]
     return {n for n, _ in model.named_parameters() if any(n.startswith(p) for p in prefixes)}
-
-
-def is_predictor_param(name: str) -> bool:
-    return ".predictor." in name or name.endswith("gate_scale")
