@@ -24,7 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from upcycle import format as fmt
-from upcycle.fsutil import atomic_directory
+from upcycle.fsutil import atomic_directory, check_output
 from upcycle.recipes import registry
 
 PREFIX = "upcycle_"
@@ -70,11 +70,14 @@ def _init(self, config, *args, **kwargs):
 
 
 def _save_pretrained(self, save_directory, *args, **kwargs):
-    """Refresh the recipe's metadata from the live modules, then write atomically (temp dir + rename)."""
+    """Refresh the recipe's metadata from the live modules, then write atomically (temp dir + rename); other
+    files already in `save_directory` are kept, as transformers' own `save_pretrained` keeps them."""
+    check_output(save_directory, overwrite=True)  # still never the current directory
     refresh_metadata(self)
     base = type(self).__mro__[1]
     kwargs.setdefault("safe_serialization", True)
-    return atomic_directory(Path(save_directory), lambda tmp: base.save_pretrained(self, tmp, *args, **kwargs))
+    return atomic_directory(Path(save_directory), lambda tmp: base.save_pretrained(self, tmp, *args, **kwargs),
+                            keep_others=True)
 
 
 def model_class_for(base: type) -> type:

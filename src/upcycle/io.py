@@ -16,7 +16,7 @@ from torch import nn
 
 from upcycle import format as fmt
 from upcycle import hf_models
-from upcycle.fsutil import atomic_directory
+from upcycle.fsutil import atomic_directory, check_output
 from upcycle.recipes import registry
 
 log = logging.getLogger(__name__)
@@ -26,11 +26,16 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete, corrupt or does not match its config."""
 
 
-def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, **save_kwargs) -> Path:
+def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+         inputs: tuple[str | os.PathLike, ...] = (), **save_kwargs) -> Path:
     """Atomically write `model` (HF `save_pretrained` layout, safetensors) and `tokenizer` to `out`.
 
-    A converted model's recipe metadata is refreshed from its live modules first (see `upcycle.hf_models`).
+    `out` may be new, empty or a previous checkpoint (replaced atomically); a directory with other files or an
+    existing file is refused unless `overwrite` (then other files are kept, a file is replaced); `inputs` (e.g.
+    the source checkpoint) and the current directory are never replaced. See `upcycle.fsutil`. A converted
+    model's recipe metadata is refreshed from its live modules first (see `upcycle.hf_models`).
     """
+    check_output(out, overwrite=overwrite, inputs=inputs)
     hf_models.refresh_metadata(model)
     save_kwargs.setdefault("safe_serialization", True)
     hf_save = hf_models.plain_save_pretrained(model)
@@ -40,7 +45,7 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, **save_kwargs
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return atomic_directory(out, write)
+    return atomic_directory(out, write, keep_others=overwrite)
 
 
 def _read_config(path: Path) -> dict:
@@ -105,13 +110,18 @@ def load_pretrained(path: str | os.PathLike) -> tuple[nn.Module, object | None]:
             f"{path}: not a checkpoint directory with config.json, nor a .gguf file "
             "(save one with model.save_pretrained(DIR))."
         )
+    if gguf:
+        check_gguf(path)
     where, extra = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32 if gguf else "auto", **extra)
     except ImportError as e:
         raise CheckpointError(f"{path}: {e} (for GGUF files: pip install gguf)") from e
     except Exception as e:
-        raise CheckpointError(f"transformers could not load {path}: {e}") from e
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if gguf:
+            raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {first}).") from e
+        raise CheckpointError(f"transformers could not load {path}: {first}") from e
     if gguf and hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
         model.__dict__.pop("hf_quantizer", None)
@@ -121,6 +131,24 @@ def load_pretrained(path: str | os.PathLike) -> tuple[nn.Module, object | None]:
     except Exception:
         tokenizer = None
     return model.eval(), tokenizer
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    """A CheckpointError naming the file unless it starts like a GGUF file (magic bytes and a known version)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}.") from e
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise CheckpointError(f"{path} is not a readable GGUF file (it does not start with the GGUF magic bytes): "
+                              "pass a .gguf model file (e.g. from llama.cpp's converter) or a checkpoint directory.")
+    version = int.from_bytes(head[4:8], "little")
+    if not 1 <= version <= 3:
+        raise CheckpointError(f"{path} is not a readable GGUF file (unknown GGUF version {version}).")
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:

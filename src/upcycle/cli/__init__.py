@@ -31,6 +31,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"upcycle {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not hasattr(e, "exit_code") or args.verbose:  # a bug: the traceback is what helps
+            raise
+        print(f"upcycle {args.command}: stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # permission, read-only, disk full, ...: the path and the cause, in one line
+        if args.verbose:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"upcycle {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Recipes: " + "; ".join(f"{r.name}: {r.summary}" for r in recipes) + ".",
     )
     p.add_argument("--model", required=True, help="local checkpoint directory saved by transformers, or a .gguf file")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", required=True, help="output directory (written atomically; a previous checkpoint there "
+                   "is replaced, anything else refused without --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write --out even if it holds other files (they are kept) "
+                   "or is a file (it is replaced)")
     p.add_argument("--recipe", default="bank_sparse", choices=[r.name for r in recipes],
                    help="how to sparsify (%(default)s); each recipe's flags are listed under it below")
     p.add_argument("--seed", type=int, default=0, help="seed of any random initialisation (%(default)s)")
@@ -33,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     import upcycle
     from upcycle import format as fmt
+    from upcycle.fsutil import check_output
     from upcycle.io import load_pretrained
     from upcycle.recipes import registry
 
+    check_output(args.out, args.overwrite, inputs=[args.model])  # before minutes of loading and converting
     torch.manual_seed(args.seed)
     recipe = registry.get(args.recipe)
     config = recipe.cli.config_from_args(args)  # bad flags fail before a large model loads
@@ -44,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no tokenizer in %s: the output will have none (train/eval need one)", args.model)
     recipe.cli.convert_from_args(args, config, model, tokenizer)
     getattr(model.config, fmt.KEY)["source"] = str(Path(args.model).resolve())
-    out = upcycle.save(model, args.out, tokenizer=tokenizer)
+    out = upcycle.save(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite, inputs=(args.model,))
     print(f"saved {out}")
     return 0

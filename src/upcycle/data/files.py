@@ -51,14 +51,18 @@ def resolve_files(paths: str | os.PathLike | Sequence[str | os.PathLike], suffix
     return {k: v for k, v in groups.items() if v}
 
 
-def read_text_file(path: str | os.PathLike) -> str:
-    """The UTF-8 text of `path`; ValueError naming the file when it is binary or not UTF-8 text."""
+def read_text_file(path: str | os.PathLike, limit: int | None = None) -> str:
+    """The UTF-8 text of `path` (its first `limit` bytes: a sniff of a large file); ValueError naming the file
+    when it is binary or not UTF-8 text."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(-1 if limit is None else limit)
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror or e}.") from e
     text = data.decode("utf-8", errors="replace")
+    if limit is not None and len(data) == limit:
+        text = text[:-4]  # a multi-byte character cut by the limit is not an error
     if not text:
         return text
     bad = text.count("\ufffd")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from upcycle.data.files import resolve_files
+from upcycle.data.files import read_text_file, resolve_files
 from upcycle.data.text import iter_documents, split_documents
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ def load_documents(paths: list[str | os.PathLike], text_split: str = "document",
                     features=datasets.Features(text=datasets.Value("string")), cache_dir=cache_dir)
             parts.append(ds)
             continue
+        if kind == "json":
+            for f in files:
+                read_text_file(f, limit=1 << 20)  # a binary file named .jsonl: refused with its name
         try:
             ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir)
         except Exception as e:

@@ -88,9 +88,10 @@ def evaluate(
         raise ValueError("nothing to evaluate: pass data (text files) and/or tasks.")
     name = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     if isinstance(model, (str, os.PathLike)):
+        path = model
+        model = upcycle.load(path, dtype=dtype, device=device)  # first: a bad checkpoint gets its own message
         tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) else None
-        tok = tok or load_tokenizer(model, tokenizer)
-        model = upcycle.load(model, dtype=dtype, device=device)
+        tok = tok or load_tokenizer(path, tokenizer)
     else:
         if tokenizer is None:
             raise ValueError("a model object needs its tokenizer: pass tokenizer= (an object or a path).")

@@ -1,4 +1,4 @@
-"""Continual training of bank-sparse models: `train(TrainConfig(...))`, or `upcycle train` on the command line.
+"""Continual training of converted models: `train(TrainConfig(...))`, or `upcycle train` on the command line.
 
     from upcycle.train import TrainConfig, train
     result = train(TrainConfig(model="converted/", data=["corpus.txt"], out="run/", steps=1000, seq_len=2048))
@@ -6,6 +6,6 @@
 """
 
 from upcycle.train.config import TrainConfig
-from upcycle.train.loop import TrainResult, train
+from upcycle.train.loop import TrainingStopped, TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingStopped", "train"]

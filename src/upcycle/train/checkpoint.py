@@ -2,14 +2,21 @@
 
 One checkpoint holds the (sharded) model and optimizer state through torch.distributed.checkpoint,
 the LR scheduler and trainer state (step, data position, tokens) in trainer_state.json, and each
-process's RNG state. Every checkpoint is written to a hidden temp dir and renamed into place
-(upcycle.io.atomic_directory), so a crash or Ctrl-C mid-write never leaves a partial checkpoint.
+process's RNG state (rng_rankR.json + .safetensors). Every checkpoint is written to a hidden temp dir
+and renamed into place (upcycle.fsutil.atomic_directory), so a crash or Ctrl-C mid-write never leaves a
+partial checkpoint.
+
+Nothing on the load path unpickles arbitrary objects, so resuming from a checkpoint directory made
+elsewhere cannot run code: RNG states are tensors (safetensors) and JSON, DCP's tensor items are read
+with `weights_only=True`, and DCP's `.metadata` pickle is read by an unpickler that admits only the
+metadata classes DCP writes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -18,7 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from upcycle.fsutil import atomic_directory
@@ -44,28 +55,75 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+def _save_rng(path: Path, rank: int) -> None:
+    """This process's RNG states: torch / CUDA generator states as tensors, Python's and NumPy's as JSON."""
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    version, state, gauss = random.getstate()
+    plain: dict = {"python": [version, list(state), gauss]}
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        plain["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
     except ImportError:
         pass
-    return state
+    save_file(tensors, str(path / f"rng_rank{rank}.safetensors"))
+    (path / f"rng_rank{rank}.json").write_text(json.dumps(plain))
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
+def _load_rng(path: Path, rank: int) -> bool:
+    """Restore what `_save_rng` wrote; False when this rank has no saved state."""
+    tf, jf = path / f"rng_rank{rank}.safetensors", path / f"rng_rank{rank}.json"
+    if not (tf.exists() and jf.exists()):
+        return False
+    tensors, plain = load_file(str(tf)), json.loads(jf.read_text())
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    if "numpy" in plain:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = plain["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return True
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only what torch.distributed.checkpoint writes into `.metadata`: its dataclasses, torch.Size,
+    dtypes and layouts, paths. Any other global (os.system, ...) is refused."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+               "torch.distributed.checkpoint.planner")
+
+    def find_class(self, module: str, name: str):
+        ok = (module in self.MODULES and not name.startswith("__")) or (module, name) in {
+            ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+            ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                         torch.memory_format)):
+            ok = True
+        if not ok:
+            raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, not a torch.distributed."
+                                         "checkpoint metadata class: refusing to load it (from elsewhere?)")
+        return super().find_class(module, name)
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's FileSystemReader with the `.metadata` pickle read by `_MetadataUnpickler`."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def save_checkpoint(out: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -78,7 +136,7 @@ def save_checkpoint(out: str | Path, module: nn.Module, optimizer: torch.optim.O
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
-        torch.save(_rng_state(), tmp / f"rng_rank{env.rank}.pt")
+        _save_rng(tmp, env.rank)
         if env.is_main:
             meta = {**trainer_state, "world_size": env.world, "scheduler": scheduler.state_dict()}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=float))
@@ -104,13 +162,16 @@ def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
     state = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, checkpoint_id=str(path / "state"))
+        try:
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path / "state")))
+        except (Exception, CheckpointException) as e:  # DCP wraps every rank's failure: say it in one line
+            failures = getattr(e, "failures", None) or {}
+            why = "; ".join(str(f).splitlines()[0] for f in failures.values()) or str(e).splitlines()[0]
+            raise ValueError(f"--resume: cannot read the checkpoint {path} ({why}); it is corrupt or was not "
+                             "written by upcycle: start a new run (a new --out).") from e
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     scheduler.load_state_dict(meta.pop("scheduler"))
-    rng = path / f"rng_rank{env.rank}.pt"
-    if rng.exists() and meta.get("world_size") == env.world:
-        _set_rng_state(torch.load(rng, weights_only=False))
-    else:
+    if not (meta.get("world_size") == env.world and _load_rng(path, env.rank)):
         log.warning("checkpoint %s was written by %s processes, this run has %d: RNG state not restored "
                     "(model, optimizer and data position are).", path, meta.get("world_size"), env.world)
     return meta

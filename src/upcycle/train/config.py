@@ -70,6 +70,9 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm (0: off)")
+    max_nonfinite_steps: int = _f(5, "stop (exit 3, no final model) after more than this many consecutive steps "
+                                  "with a non-finite loss or gradient norm; their updates are skipped")
+    spike_warn_factor: float = _f(3.0, "warn when the loss exceeds this many times its running mean (0: off)")
     train_only: Literal["all", "ffn"] = _f("all", "ffn: freeze everything except the FFN (and routing) parameters")
     # --- objective ---
     distill_weight: float = _f(1.0, "weight of KL(teacher || student) on logits; 0 turns distillation off")
@@ -160,7 +163,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{name}={v} is not a finite number (--{_flag(name)}).")
-        for name in ("eval_every", "save_every", "lr_warmup_steps", "loss_chunk_tokens", "val_max_sequences"):
+        for name in ("eval_every", "save_every", "lr_warmup_steps", "loss_chunk_tokens", "val_max_sequences",
+                     "max_nonfinite_steps", "spike_warn_factor"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)} (--{_flag(name)}).")
         for name in ("distill_weight", "feature_distill_weight", "weight_decay", "grad_clip"):
@@ -341,6 +345,8 @@ def add_config_arguments(parser) -> None:
             seen.add(key)
             spec = dict(spec)
             spec["help"] = spec.get("help", "").replace("%", "%%")
+            if "choices" not in spec:
+                spec.setdefault("metavar", key.upper())
             group.add_argument(f"--{_flag(key)}", dest=RECIPE_DEST + key, default=argparse.SUPPRESS, **spec)
 
 

@@ -36,6 +36,12 @@ from upcycle.train.schedules import lr_factor
 log = logging.getLogger("upcycle.train")
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped on its own (e.g. the loss stayed non-finite): no final model was written."""
+
+    exit_code = 3
+
+
 @dataclass
 class TrainResult:
     out: Path
@@ -144,6 +150,8 @@ class _Trainer:
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.out)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+        self.nonfinite_run = self.nonfinite_total = 0
+        self.loss_mean = (0.0, 0)  # running mean of finite losses, number seen
 
     # ------------------------------------------------------------------ setup
     def _check_out(self) -> Path | None:
@@ -157,13 +165,29 @@ class _Trainer:
             raise ValueError(f"{out} already holds a training run: pass --resume to continue it, or a new --out.")
         return None
 
+    def _finished_step(self) -> int | None:
+        """The step of a finished run being resumed with --steps no larger than it (nothing to do), else None."""
+        if self.resume_from is None:
+            return None
+        done = int(json.loads((self.resume_from / ckpt.STATE_FILE).read_text())["step"])
+        model_dir = self.out / "model"
+        if done >= self.cfg.steps and (model_dir / "config.json").exists():
+            return done
+        if done > self.cfg.steps:
+            raise ValueError(f"--resume: the newest checkpoint ({self.resume_from.name}) is past --steps "
+                             f"{self.cfg.steps}: pass --steps > {done} to continue the run.")
+        return None
+
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         # every rank checks (OUT is shared): an error raised on rank 0 alone would leave the others waiting
         self.resume_from = self._check_out()
+        self.finished = self._finished_step()
         env.barrier()
+        if self.finished is not None:
+            return  # a complete run: touch nothing (no data, no model, no metrics rewrite)
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
@@ -272,12 +296,23 @@ class _Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        hooks.after_optimizer_step(step)
         names = sorted(sums)  # every rank has the same names: one all-reduce of all of them
         means = dict(zip(names, env.mean([sums[k] / cfg.grad_accum for k in names]), strict=True))
+        # Both are global (all-reduced loss, FSDP's global norm): every rank takes the same decision.
+        finite = math.isfinite(means["loss"]) and math.isfinite(float(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.nonfinite_run = 0
+        else:
+            self.nonfinite_run += 1
+            self.nonfinite_total += 1
+            log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)", step + 1,
+                        means["loss"], float(grad_norm), self.nonfinite_run)
+        self.scheduler.step()  # the LR stays a function of the step, updates skipped or not
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            hooks.after_optimizer_step(step)
+            self._watch_spikes(step, means["loss"])
         record = {"loss": means["loss"], "ce": means["ce"],
                   "lr": cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio),
                   **schedule, "grad_norm": float(grad_norm)}
@@ -287,8 +322,19 @@ class _Trainer:
             record[name], record[f"{name}_weight"] = means.get(name, 0.0), w
         if features:
             record["feat"] = means["feat"]
+        if self.nonfinite_total:
+            record["skipped_nonfinite"] = self.nonfinite_total
         record.update(hooks.step_metrics())
         return record
+
+    def _watch_spikes(self, step: int, loss: float) -> None:
+        """Warn when the loss jumps far above its running mean (a spike often precedes divergence)."""
+        factor = self.cfg.spike_warn_factor
+        mean, n = self.loss_mean
+        if factor > 0 and n >= 10 and loss > factor * mean:
+            log.warning("step %d: loss %.4g is %.1fx its running mean %.4g (a spike: lower --lr if it repeats)",
+                        step + 1, loss, loss / mean, mean)
+        self.loss_mean = (loss if n == 0 else mean + 0.1 * (loss - mean), n + 1)
 
     # ------------------------------------------------------------------ the loop
     def run(self, on_step, on_eval=None) -> TrainResult:
@@ -296,6 +342,10 @@ class _Trainer:
 
         cfg, env = self.cfg, self.env
         self.setup()
+        if self.finished is not None:
+            log.info("%s: the run is complete (step %d, --steps %d): nothing to do; pass a larger --steps to "
+                     "continue it.", self.out, self.finished, cfg.steps)
+            return TrainResult(self.out, self.out / "model", self.finished, False)
         start = self.state["step"]
         result = TrainResult(self.out, None, start, False)
         self.last_val = None
@@ -335,7 +385,17 @@ class _Trainer:
                 if on_step is not None:
                     on_step(step + 1, record)
                 stopping = env.any(stop.requested)
-                if stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0 and not last):
+                bad = self.nonfinite_run
+                if bad and bad > cfg.max_nonfinite_steps:
+                    bar.close()
+                    raise TrainingStopped(
+                        f"the loss or gradient norm was not finite for {bad} consecutive steps ({step + 2 - bad}-"
+                        f"{step + 1}); their updates were skipped and training stopped without a final model. Lower "
+                        f"--lr (now {cfg.lr:g}), check the data, or raise --max-nonfinite-steps. The newest "
+                        f"checkpoint in {self.out / 'checkpoints'} (if any) holds the last finite weights.")
+                # a checkpoint every --save-every steps, at the last step (so --resume --steps N' continues from
+                # the end) and on Ctrl-C
+                if stopping or last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                     path = ckpt.save_checkpoint(self.out, self.objective, self.optimizer, self.scheduler,
                                                 dict(self.state), env, cfg.keep_checkpoints)
                     if env.is_main:
@@ -378,6 +438,11 @@ class _Trainer:
         model.config.use_cache = True
         dtype = self.saved_dtype if cfg.save_dtype == "auto" else DTYPES[cfg.save_dtype]
         model.to(device="cpu", dtype=dtype).eval()
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            env.barrier()
+            raise TrainingStopped(f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}): no final "
+                                  f"model was written. Lower --lr (now {cfg.lr:g}) and train again.")
         path = upcycle.save(model, self.out / "model", tokenizer=self.tokenizer)
         env.barrier()
         return path

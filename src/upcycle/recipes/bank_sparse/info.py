@@ -41,8 +41,17 @@ def summarize(path: Path, config: BankSparseConfig | None, shapes: dict) -> dict
         if not ffn:
             continue
         layers[idx] = {"ffn_params": sum(math.prod(s) for s, _ in ffn), "bytes_per_param": ffn[0][1],
-                       "predictor_params": sum(math.prod(s) for s, _ in children.get("predictor", []))}
+                       "predictor_params": sum(math.prod(s) for s, _ in children.get("predictor", [])),
+                       "d_ff": children["gate_proj"][0][0][0] if "gate_proj" in children else None}
     converted = set(config.layers or []) if config is not None else set()
+    missing = sorted(converted - set(layers))
+    if missing:
+        raise ValueError(f"{path}/config.json: layers {missing} are converted but the weights have no FFN there.")
+    for idx in sorted(converted):
+        d_ff = layers[idx]["d_ff"]
+        if d_ff is not None and d_ff % config.bank_size:
+            raise ValueError(f"{path}/config.json: bank_size={config.bank_size} does not divide layer {idx}'s "
+                             f"intermediate size {d_ff}: the config was edited; convert the dense model again.")
     rows = []
     for idx in sorted(layers):
         e = layers[idx]
