@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Each name is a module upcycle.cli.<name> with `add_parser(subparsers)` that sets `func(args) -> int`.
-COMMANDS = ("convert", "info", "train", "eval", "demo")
+COMMANDS = ("convert", "info", "train", "eval", "export", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from torch import nn
 from upcycle import hf
 from upcycle.data import load_tokenizer, read_text, tokenize
 from upcycle.eval.perplexity import perplexity
-from upcycle.eval.stats import FFNStats
+from upcycle.eval.stats import stats_for
 from upcycle.eval.tasks import run as run_tasks
 from upcycle.recipes import registry
 
@@ -121,7 +121,7 @@ def evaluate(
     if data is not None:
         files = _list(data)
         ids = tokenize(tok, read_text(files))
-        with FFNStats(model) as st:
+        with stats_for(model) as st:
             ppl = perplexity(model, ids, seq_len, stride, max_windows, batch_size, reference)
         stats = st.summary()
         out.update(ppl=ppl["ppl"], ffn_density=stats["ffn_density"], kl_ref=ppl.get("kl_ref"))

@@ -170,3 +170,13 @@ class FFNStats:
             "tokens": self.counters[0].tokens if self.counters else 0,
             "layers": layers,
         }
+
+
+def stats_for(model: nn.Module):
+    """The statistics context of `model`'s recipe (its `eval_stats`), else FFNStats: what `evaluate` measures."""
+    from upcycle.recipes import registry
+
+    recipe = registry.for_model(model)
+    if recipe is not None and recipe.eval_stats is not None:
+        return recipe.eval_stats(model)
+    return FFNStats(model)

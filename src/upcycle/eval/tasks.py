@@ -259,7 +259,7 @@ def run(
 
     The statistics cover every token the model ran on for that (task, length): prompts and generated tokens.
     """
-    from upcycle.eval.stats import FFNStats
+    from upcycle.eval.stats import stats_for
 
     gen = hf_generate_fn(model, tokenizer)
     out: dict = {}
@@ -268,10 +268,10 @@ def run(
         for length in lengths:
             samples = generate(task, tokenizer, length, n, seed, haystack, max_new_tokens)
             if stats:
-                with FFNStats(model) as st:
+                with stats_for(model) as st:
                     res = evaluate(gen, samples)
                 summary = st.summary()
-                res.update({k: summary[k] for k in ("ffn_density", "recall", "mass_kept", "tokens", "layers")})
+                res.update({k: summary.get(k) for k in ("ffn_density", "recall", "mass_kept", "tokens", "layers")})
             else:
                 res = evaluate(gen, samples)
             res["prompt_tokens"] = sum(s.n_tokens for s in samples) / len(samples)

@@ -9,7 +9,7 @@ torchtitan's model spec bundles what a family needs), so each recipe registers a
 - `to_dense(model)`: the dense function of the converted model (the distillation teacher), if it has one;
 - `train_options_cls` and `train_hooks(model, options)`: what the generic trainer calls (`TrainHooks`);
 - `baselines` / `apply_baseline`: the training-free methods users compare against, by name;
-- `exporters`: other formats the recipe writes (`upcycle export --to NAME`);
+- `exporters`: other formats the recipe writes (`upcycle export --to NAME DIR OUT`: (model, out, tokenizer));
 - `describe(model)` (eval) and `summarize(path, config, shapes)` + `format_summary` (`upcycle info`);
 - `cli`: its flags for `upcycle convert --recipe NAME` and `upcycle train`.
 
@@ -37,7 +37,8 @@ class TrainHooks:
 
     Called by `upcycle.train` in this order each step: `before_step` (schedules; returns metrics to log),
     `aux_weights` (which auxiliary losses count this step), `begin_aux` .. forward/backward of every
-    micro-batch .. `end_aux`, optimizer step, `after_optimizer_step`, `step_metrics`.
+    micro-batch .. `end_aux`, optimizer step, `after_optimizer_step`, `step_metrics`; at the end `finalize`
+    (on the model about to be saved) and `on_train_end`.
     """
 
     # extra optimizer groups: name -> {"lr_mult": float, "weight_decay": float}
@@ -68,7 +69,14 @@ class TrainHooks:
         pass
 
     def step_metrics(self) -> dict[str, float]:
+        """Extra values for this step's metrics.jsonl row (nested dicts allowed: e.g. per-layer expert loads)."""
         return {}
+
+    def finalize(self, model: nn.Module) -> None:
+        """Change the trained model before it is saved as final (e.g. fold scales, hard-prune): in place."""
+
+    def on_train_end(self, out: Path, metrics: list[dict]) -> None:
+        """After the final save, on the main process: e.g. write plots next to metrics.jsonl."""
 
     def state_dict(self) -> dict:
         """JSON-ready state a resumed run needs (schedules are pure functions of the step: usually none)."""
@@ -109,6 +117,9 @@ class Recipe:
     apply_baseline: Callable[..., nn.Module] | None = None  # (model, name, options: dict, calibration_ids)
     exporters: Mapping[str, Callable[..., Path]] = field(default_factory=dict)
     describe: Callable[[nn.Module], dict] | None = None
+    # eval: a context manager `stats(model)` with `.summary()` measuring what the model computes while open
+    # (default: upcycle.eval.stats.FFNStats, per-layer FFN density of SwiGLU FFNs)
+    eval_stats: Callable[[nn.Module], Any] | None = None
     summarize: Callable[[Path, Any, dict], dict] | None = None  # (path, config, {tensor: (shape, bytes/elem)})
     format_summary: Callable[[dict], list[str]] | None = None
     cli: RecipeCLI | None = None

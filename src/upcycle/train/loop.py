@@ -28,7 +28,7 @@ from upcycle.recipes.registry import TrainHooks
 from upcycle.train import checkpoint as ckpt
 from upcycle.train.config import TrainConfig
 from upcycle.train.distributed import DistEnv, init_distributed, shard
-from upcycle.train.metrics import MetricsLog, plot_loss_curve
+from upcycle.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from upcycle.train.models import DTYPES, build_student, build_teacher, ffn_parameter_names, module_bytes, train_hooks
 from upcycle.train.objective import Objective, teacher_hidden_states
 from upcycle.train.schedules import lr_factor
@@ -411,6 +411,8 @@ class _Trainer:
         self.metrics.close()
         if env.is_main:
             png = plot_loss_curve(self.metrics.path, self.out / "loss_curve.png")
+            if not result.interrupted:
+                self.hooks.on_train_end(self.out, read_metrics(self.metrics.path))
             if result.interrupted:
                 log.info("stopped at step %d: continue with the same command plus --resume", result.step)
             else:
@@ -433,6 +435,10 @@ class _Trainer:
             train_hooks(model, cfg).before_step(self.state["step"] - 1)  # schedules: pure functions of the step
         elif not env.is_main:
             return None
+        if env.world > 1:  # a rebuilt model: the recipe's final touches run on what is saved
+            train_hooks(model, cfg).finalize(model)
+        else:
+            self.hooks.finalize(model)
         if cfg.gradient_checkpointing:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.config.use_cache = True
