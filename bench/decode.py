@@ -13,30 +13,27 @@ Qwen2.5-0.5B-shaped model on CPU (Qwen2.5-7B-shaped on CUDA).
     python bench/decode.py --device cpu --shapes qwen2.5-0.5b --batches 1,4 --no-e2e
     python bench/decode.py --device cuda --dtype bfloat16
 
-Writes bench/results/decode_<device>.json, .csv and .md (device name inside).
+Writes bench/results/decode_<device>[_<tag>].json (FFN rows under `rows`, `e2e`), .csv and .md.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import RESULTS, Table, abba, device_name, machine_record, quartiles, sync, time_interleaved, write_result
 from torch import nn
-from upcycle.modules.bank_sparse import BankSparseSwiGLU
-from upcycle.modules.predictors import choose_predictor
 
-from upcycle.kernels import dispatch
+from upcycle.kernels import kernel_mode, use_kernels
 from upcycle.kernels.reference import bank_topk_indices, predictor_logits
+from upcycle.recipes.bank_sparse import BankSparseSwiGLU, runtime
+from upcycle.recipes.bank_sparse.predictors import choose_predictor
 
 SHAPES = {  # name: (hidden d, intermediate d_ff)
     "qwen2.5-0.5b": (896, 4864),
@@ -50,23 +47,6 @@ SHADOW_BYTES: dict = {}  # provider -> fn(d, d_ff): bytes its packed shadow pred
 
 def rank_for(d: int) -> int:
     return min(256, max(16, d // 8))  # BankSparseConfig's default predictor rank
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def copy_bandwidth(device: str, nbytes: int = 256 << 20) -> float:
@@ -107,31 +87,6 @@ def ffn_bytes(d: int, d_ff: int, r: int, es: int, rows: float | None) -> float:
     return (r * d + d_ff * r + d_ff) * es + rows * 3 * d * es
 
 
-def time_providers(providers: dict, copies: list, x, device: str, budget_s: float, min_iters: int, max_iters: int):
-    """Interleaved timing: each iteration runs every provider once on the next weight copy."""
-    times = {k: [] for k in providers}
-    for fn in providers.values():  # warm-up (builds kernels and decode caches)
-        for m in copies:
-            fn(m, x)
-    sync(device)
-    # Estimate the iteration cost to fit the budget.
-    t0 = time.perf_counter()
-    for fn in providers.values():
-        fn(copies[0], x)
-    sync(device)
-    per_iter = max(time.perf_counter() - t0, 1e-6)
-    iters = int(min(max_iters, max(min_iters, budget_s / per_iter)))
-    for it in range(iters):
-        m = copies[it % len(copies)]
-        for k, fn in providers.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn(m, x)
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
 def make_providers(args, copies: list[BankSparseSwiGLU]) -> dict:
     """name -> fn(module, x); `dense` runs the same weights as plain F.linear SwiGLU."""
     dense_mods = {id(m): DenseFFN(m) for m in copies}
@@ -139,9 +94,9 @@ def make_providers(args, copies: list[BankSparseSwiGLU]) -> dict:
     def dense(m, x):
         return dense_mods[id(m)](x)
 
-    def run_mode(mode, layout=None):
+    def run_mode(mode, layout="split"):
         def fn(m, x):
-            with dispatch.use_kernels(mode, layout):
+            with use_kernels(mode, layout=layout):
                 return m(x)
 
         return fn
@@ -169,20 +124,13 @@ def make_providers(args, copies: list[BankSparseSwiGLU]) -> dict:
         twins = {id(m): BankSparseSwiGLU(m.gate_proj, m.up_proj, m.down_proj, nn.SiLU(), BANK, KEEP,
                                          shadow=(bits, group)).eval() for m in copies}
 
-        def shadow_fn(m, x, twins=twins):
-            with dispatch.use_kernels("fused", "split"):
+        def shadow_fn(m, x, twins=twins, dots="int16"):
+            with use_kernels("fused", layout="split", shadow_dots=dots):
                 return twins[id(m)](x)
-
-        def shadow_float_fn(m, x, shadow_fn=shadow_fn):
-            os.environ["UPCYCLE_SHADOW_FLOAT_DOTS"] = "1"  # the C kernel reads it on every call
-            try:
-                return shadow_fn(m, x)
-            finally:
-                del os.environ["UPCYCLE_SHADOW_FLOAT_DOTS"]
 
         variants = {"": shadow_fn}
         if args.shadow_float_dots and copies[0].gate_proj.weight.device.type == "cpu":
-            variants["-floatdots"] = shadow_float_fn
+            variants["-floatdots"] = lambda m, x, fn=shadow_fn: fn(m, x, dots="float")
         for suffix, fn in variants.items():
             providers[f"sparse-fused-shadow{bits}-g{group}{suffix}"] = fn
             SHADOW_BYTES[f"sparse-fused-shadow{bits}-g{group}{suffix}"] = lambda d, d_ff, bits=bits, group=group: (
@@ -252,8 +200,8 @@ def bench_ffn(args, device: str, dtype: torch.dtype, bw: float) -> list[dict]:
                     m0.predictor.out_proj.bias,
                 )
                 union = bank_topk_indices(z, BANK, KEEP).unique().numel()
-                with dispatch.use_kernels("fused"):
-                    ok = dispatch.decode_forward(m0, x) is not None
+                with use_kernels("fused"):
+                    ok = runtime.decode_forward(m0, x) is not None
                 active = {
                     k: v
                     for k, v in providers.items()
@@ -266,7 +214,10 @@ def bench_ffn(args, device: str, dtype: torch.dtype, bw: float) -> list[dict]:
                 if device == "cuda":
                     times = time_providers_cuda(active, copies, x, args.max_iters + len(copies))
                 else:
-                    times = time_providers(active, copies, x, device, args.budget, args.min_iters, args.max_iters)
+                    # warm-up: every copy once (kernel build, decode caches), then copy 0 again for the pace
+                    fns = {k: lambda i, fn=fn, cs=copies, x=x: fn(cs[i % len(cs)], x) for k, fn in active.items()}
+                    times = time_interleaved(fns, device, budget_s=args.budget, min_iters=args.min_iters,
+                                             max_iters=args.max_iters, warmup=len(copies) + 1)
             med = {k: statistics.median(v) for k, v in times.items()}
             best_dense = min(v for k, v in med.items() if k.startswith("dense"))
             best_dense_min = min(min(v) for k, v in times.items() if k.startswith("dense"))
@@ -275,7 +226,7 @@ def bench_ffn(args, device: str, dtype: torch.dtype, bw: float) -> list[dict]:
                 nbytes = ffn_bytes(d, d_ff, r, es, union if sparse else None)
                 if k in SHADOW_BYTES:  # the shadow's codes and scales instead of the rank-r predictor
                     nbytes += SHADOW_BYTES[k](d, d_ff) - (r * d + d_ff * r + d_ff) * es
-                q = statistics.quantiles(v, n=4) if len(v) >= 4 else [min(v), med[k], max(v)]
+                q = quartiles(v)
                 rows.append(
                     dict(
                         shape=name,
@@ -286,8 +237,8 @@ def bench_ffn(args, device: str, dtype: torch.dtype, bw: float) -> list[dict]:
                         batch=T,
                         provider=k,
                         median_us=med[k] * 1e6,
-                        p25_us=q[0] * 1e6,
-                        p75_us=q[2] * 1e6,
+                        p25_us=q["p25"] * 1e6,
+                        p75_us=q["p75"] * 1e6,
                         iters=len(v),
                         speedup_vs_best_dense=best_dense / med[k],
                         min_us=min(v) * 1e6,
@@ -341,8 +292,8 @@ def e2e_model(device: str, dtype: torch.dtype, layers: int | None):
 
 
 def bench_e2e(args, device: str, dtype: torch.dtype) -> list[dict]:
-    from upcycle.config import BankSparseConfig
-    from upcycle.convert import convert, find_swiglu_ffns
+    from upcycle import BankSparseConfig
+    from upcycle.recipes.bank_sparse.convert import convert, find_swiglu_ffns
 
     model, cfg = e2e_model(device, dtype, args.e2e_layers)
     torch.manual_seed(1)
@@ -368,10 +319,10 @@ def bench_e2e(args, device: str, dtype: torch.dtype) -> list[dict]:
             self.stamps.append(time.perf_counter())
             return scores
 
-    def generate_run(mode: str | None, layout: str | None = None) -> tuple[float, list[float]]:
+    def generate_run(mode: str, layout: str = "split") -> tuple[float, list[float]]:
         """(tokens/s of the whole generate call, the decode-step durations after the first token)."""
         timer = StepTimer()
-        with torch.no_grad(), dispatch.use_kernels(mode or "auto", layout):
+        with torch.no_grad(), use_kernels(mode, layout=layout):
             sync(device)
             t0 = time.perf_counter()
             out = model.generate(ids, logits_processor=LogitsProcessorList([timer]), **gen)
@@ -391,7 +342,7 @@ def bench_e2e(args, device: str, dtype: torch.dtype) -> list[dict]:
     sparse_ffns = {name: model.get_submodule(name) for name in dense_ffns}
     layouts = ["split", "bundle"] if args.bundle else ["split"]
     for layout in layouts:
-        dispatch.prepare(model, layout)
+        runtime.prepare(model, layout)
 
     def use(ffns: dict) -> None:
         for name, m in ffns.items():
@@ -400,25 +351,22 @@ def bench_e2e(args, device: str, dtype: torch.dtype) -> list[dict]:
 
     with torch.no_grad():
         model.generate(ids, **{**gen, "max_new_tokens": 2, "min_new_tokens": 2})
-    runs = {"dense": lambda: (use(dense_ffns), generate_run(None))[1]}
+    runs = {"dense": lambda: (use(dense_ffns), generate_run("auto"))[1]}
     runs["sparse-fused"] = lambda: (use(sparse_ffns), generate_run("auto", "split"))[1]
     if args.bundle:
         runs["sparse-fused-bundle"] = lambda: (use(sparse_ffns), generate_run("auto", "bundle"))[1]
     if args.reference:
         runs["sparse-reference"] = lambda: (use(sparse_ffns), generate_run("reference"))[1]
-    totals: dict[str, list[float]] = {k: [] for k in runs}
-    steps: dict[str, list[float]] = {k: [] for k in runs}
-    for rep in range(args.e2e_reps):  # ABBA order: a drifting machine load biases no provider
-        for k in runs if rep % 2 == 0 else reversed(runs):
-            tps, st = runs[k]()
-            totals[k].append(tps)
-            steps[k].extend(st)
+    results = abba(runs, args.e2e_reps)  # [(whole-call tokens/s, decode-step times)] per run
+    totals = {k: [tps for tps, _ in v] for k, v in results.items()}
+    steps = {k: [s for _, st in v for s in st] for k, v in results.items()}
     rows = []
     model_name = f"random Qwen2.5-{'7B' if device == 'cuda' else '0.5B'}-shaped, {cfg.num_hidden_layers} layers"
     dense_step = statistics.median(steps["dense"])
     for k in runs:
         # Robust to other processes' bursts: the median decode-step time over all runs' steps.
-        step = statistics.median(steps[k])
+        q = quartiles(steps[k])
+        step = q["median"]
         rows.append(
             dict(
                 model=model_name,
@@ -429,8 +377,8 @@ def bench_e2e(args, device: str, dtype: torch.dtype) -> list[dict]:
                 decode_tokens_per_s=args.e2e_batch / step,
                 speedup_vs_dense=dense_step / step,
                 median_step_ms=step * 1e3,
-                p25_step_ms=statistics.quantiles(steps[k], n=4)[0] * 1e3,
-                p75_step_ms=statistics.quantiles(steps[k], n=4)[2] * 1e3,
+                p25_step_ms=q["p25"] * 1e3,
+                p75_step_ms=q["p75"] * 1e3,
                 steps=len(steps[k]),
                 generate_tokens_per_s=totals[k],
                 generate_speedup_vs_dense=statistics.median(totals[k]) / statistics.median(totals["dense"]),
@@ -444,68 +392,32 @@ def bench_e2e(args, device: str, dtype: torch.dtype) -> list[dict]:
     return rows
 
 
-def _fmt_load(load) -> str:
-    return "n/a" if not load else ", ".join(f"{v:.1f}" for v in load)
+FFN_COLUMNS = [("shape", "shape"), ("batch", "batch"), ("provider", "provider"), ("median us", "median_us", ".0f"),
+               ("p25-p75 us", lambda r: f"{r['p25_us']:.0f}-{r['p75_us']:.0f}"),
+               ("x dense", lambda r: f"**{r['speedup_vs_best_dense']:.2f}**"), ("min us", "min_us", ".0f"),
+               ("x dense (mins)", "speedup_of_mins", ".2f"), ("bytes MB", lambda r: f"{r['bytes'] / 1e6:.1f}"),
+               ("GB/s", "achieved_GBs", ".1f"), ("floor us", "floor_us", ".0f")]
+E2E_COLUMNS = [("model", "model"), ("batch", "batch"), ("prompt", "prompt"), ("new tokens", "new_tokens"),
+               ("provider", "provider"), ("decode tok/s", "decode_tokens_per_s", ".2f"),
+               ("x dense", lambda r: f"**{r['speedup_vs_dense']:.2f}**"), ("median step ms", "median_step_ms", ".1f"),
+               ("p25-p75 ms", lambda r: f"{r['p25_step_ms']:.0f}-{r['p75_step_ms']:.0f}"),
+               ("whole-generate tok/s per run", lambda r: ", ".join(f"{t:.2f}" for t in r["generate_tokens_per_s"])),
+               ("x dense (whole, medians)", "generate_speedup_vs_dense", ".2f")]
 
 
-def write(args, device: str, record: dict) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"decode_{device}{'_' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    if record["ffn"]:
-        with stem.with_suffix(".csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(record["ffn"][0]))
-            w.writeheader()
-            w.writerows(record["ffn"])
-    lines = [
-        f"# Decode benchmark: {record['device_name']}",
-        "",
-        f"`{record['command']}`  ",
-        f"torch {record['torch']}, dtype {record['dtype']}, threads {record['threads']}, "
-        f"copy bandwidth {record['copy_bandwidth_GBs']:.1f} GB/s (read+write), {record['date']}.",
-        "Times are medians of interleaved runs (providers alternate in one loop); the machine may be shared,",
-        "so absolute times are noisy and the ratios are the result. x = speedup over the best dense provider",
-        "(medians); x (mins) = the same ratio of the fastest runs, the least disturbed by other processes.",
-        f"Load average (1, 5, 15 min) at start {_fmt_load(record['load_average'])}, "
-        f"at end {_fmt_load(record.get('load_average_end'))}.",
-        "",
-    ]
-    if record["ffn"]:
-        lines += [
-            "| shape | batch | provider | median us | p25-p75 us | x dense | min us | x dense (mins) "
-            "| bytes MB | GB/s | floor us |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-    for r in record["ffn"]:
-        lines.append(
-            f"| {r['shape']} | {r['batch']} | {r['provider']} | {r['median_us']:.0f} "
-            f"| {r['p25_us']:.0f}-{r['p75_us']:.0f} | **{r['speedup_vs_best_dense']:.2f}** | {r['min_us']:.0f} "
-            f"| {r['speedup_of_mins']:.2f} | {r['bytes'] / 1e6:.1f} | {r['achieved_GBs']:.1f} | {r['floor_us']:.0f} |"
-        )
-    if record["e2e"]:
-        lines += [
-            "",
-            "## End-to-end `generate` (greedy, same HF engine; dense = the original HF MLPs, same weights)",
-            "",
-            "Decode tokens/s = batch / median decode-step time over all runs (steps timed inside `generate`",
-            "by a logits processor); runs alternate dense and converted (ABBA). Whole-call tokens/s per run",
-            "(including the prefill) are listed for reference.",
-            "",
-            "| model | batch | prompt | new tokens | provider | decode tok/s | x dense | median step ms "
-            "| p25-p75 ms | whole-generate tok/s per run | x dense (whole, medians) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in record["e2e"]:
-            lines.append(
-                f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['provider']} "
-                f"| {r['decode_tokens_per_s']:.2f} | **{r['speedup_vs_dense']:.2f}** | {r['median_step_ms']:.1f} "
-                f"| {r['p25_step_ms']:.0f}-{r['p75_step_ms']:.0f} "
-                f"| {', '.join(f'{t:.2f}' for t in r['generate_tokens_per_s'])} "
-                f"| {r['generate_speedup_vs_dense']:.2f} |"
-            )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.json/.csv/.md")
+def write(args, device: str, record: dict, ffn: list[dict], e2e: list[dict]) -> None:
+    notes = [f"dtype {record['dtype']}, copy bandwidth {record['copy_bandwidth_GBs']:.1f} GB/s (read+write). "
+             "Times are medians of interleaved runs (providers alternate in one loop); the machine may be shared, "
+             "so absolute times are noisy and the ratios are the result. x = speedup over the best dense provider "
+             "(medians); x (mins) = the same ratio of the fastest runs, the least disturbed by other processes."]
+    e2e_notes = ["Decode tokens/s = batch / median decode-step time over all runs (steps timed inside `generate` by "
+                 "a logits processor); runs alternate dense and converted (ABBA). Whole-call tokens/s per run "
+                 "(including the prefill) are listed for reference."]
+    e2e_table = Table(e2e, E2E_COLUMNS, "End-to-end `generate` (greedy, same HF engine; dense = the original HF "
+                      "MLPs, same weights)", e2e_notes, key="e2e")
+    write_result(f"decode_{device}{'_' + args.tag if args.tag else ''}", record, ffn, FFN_COLUMNS,
+                 f"Decode benchmark: {record['machine']['device_name']}", notes, tables=[e2e_table], out=args.out,
+                 csv_rows=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -538,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--e2e-reps", type=int, default=4)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--json", action="store_true", help="also print the JSON record to stdout")
     p.add_argument("--tag", default="", help="suffix of the result files: decode_<device>_<tag>.*")
     args = p.parse_args(argv)
@@ -552,26 +464,13 @@ def main(argv: list[str] | None = None) -> dict:
     args.batches = [int(b) for b in args.batches.split(",")]
     args.budget = args.budget if args.budget is not None else (2.5 if device == "cpu" else 1.0)
     bw = copy_bandwidth(device)
-    print(f"device: {device_name(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; kernels mode {dispatch.kernel_mode()}")
-    record = dict(
-        device=device,
-        device_name=device_name(device),
-        torch=torch.__version__,
-        dtype=str(dtype).replace("torch.", ""),
-        threads=torch.get_num_threads(),
-        copy_bandwidth_GBs=bw / 1e9,
-        date=time.strftime("%Y-%m-%d %H:%M"),
-        command="python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-        ffn=[],
-        e2e=[],
-    )
-    if not args.no_ffn:
-        record["ffn"] = bench_ffn(args, device, dtype, bw)
-    if not args.no_e2e:
-        record["e2e"] = bench_e2e(args, device, dtype)
-    record["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    write(args, device, record)
+    print(f"device: {device_name(device)}; copy bandwidth {bw / 1e9:.1f} GB/s; kernels mode {kernel_mode()}")
+    record = dict(machine=machine_record(device, argv, __file__), dtype=str(dtype).replace("torch.", ""),
+                  copy_bandwidth_GBs=bw / 1e9)
+    ffn = [] if args.no_ffn else bench_ffn(args, device, dtype, bw)
+    e2e = [] if args.no_e2e else bench_e2e(args, device, dtype)
+    write(args, device, record, ffn, e2e)
+    record.update(rows=ffn, e2e=e2e)
     if args.json:
         print(json.dumps(record, indent=1))
     return record

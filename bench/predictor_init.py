@@ -9,30 +9,30 @@ converted with each init; recall is measured on held-out source the calibration 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, machine_record, write_result
 from transformers import AutoModelForCausalLM
-from upcycle.convert import measure_recall
-from upcycle.text import token_windows
-from upcycle.toy import pretrain, stdlib_corpus, tiny_config, train_bpe_tokenizer
 
 import upcycle
+from upcycle.data import token_windows
+from upcycle.recipes.bank_sparse.convert import measure_recall
+from upcycle.testing import pretrain, stdlib_corpus, tiny_config, train_bpe_tokenizer
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300, help="pretraining steps of the dense model")
     ap.add_argument("--calib-steps", type=int, default=300)
     ap.add_argument("--ranks", default="16,32", help="predictor ranks to compare")
-    ap.add_argument("--out", default="bench/results/predictor_init")
+    ap.add_argument("--out", default=str(RESULTS / "predictor_init"), help="results stem")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    machine = machine_record("cpu", argv, __file__)
 
     train_docs = stdlib_corpus(3_000_000)
     held_docs = stdlib_corpus(400_000, skip_bytes=3_000_000)
@@ -66,33 +66,22 @@ def main() -> None:
             print(f"rank {rank:>3} {init:>9}: recall {rows[-1]['recall_mean']:.3f}  per layer "
                   f"{rows[-1]['recall_per_layer']}  ({seconds:.1f}s)")
 
-    result = {
-        "command": "python bench/predictor_init.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-        "device": f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+    record = {
+        "machine": machine,
         "model": "Qwen2-style d=128, 4 layers, d_ff=512 (8 banks of 64), BPE 2048, pretrained on Python stdlib",
         "pretrain": {"steps": args.steps, "tokens": args.steps * 16 * 128, "loss_first": losses[0],
-                     "loss_last": sum(losses[-20:]) / 20, "seconds": round(pre_s, 1)},
+                     "loss_last": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(pre_s, 1)},
         "calibration_tokens": calib.numel(),
         "held_out_tokens": held.numel(),
         "random_recall": 0.25,
-        "rows": rows,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = [
-        "# Predictor init: oracle top-16-of-64 recall on held-out text\n",
-        f"`{result['command']}`\n",
-        f"{result['model']}; pretrain {args.steps} steps, final loss {result['pretrain']['loss_last']:.3f}; "
-        f"{result['device']}\n",
-        "| method | rank | recall (mean) | per layer | convert s |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [f"| {r['init']} | {r['rank']} | {r['recall_mean']:.3f} | {r['recall_per_layer']} | {r['convert_s']} |"
-              for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}.json and {out}.md")
+    notes = [f"{record['model']}; pretrain {args.steps} steps, final loss {record['pretrain']['loss_last']:.3f}; "
+             f"calibration {calib.numel()} tokens, recall on {held.numel()} held-out tokens (random routing: 0.25)."]
+    columns = [("method", "init"), ("rank", "rank"), ("recall (mean)", "recall_mean", ".3f"),
+               ("per layer", "recall_per_layer"), ("convert s", "convert_s")]
+    write_result(out.name, record, rows, columns, "Predictor init: oracle top-16-of-64 recall on held-out text", notes,
+                 out=out.parent)
 
 
 if __name__ == "__main__":

