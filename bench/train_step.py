@@ -87,11 +87,15 @@ def build(args, device):
     from upcycle.testing import tiny_model
     from upcycle.train.objective import Objective
 
-    dense = tiny_model("qwen2", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                       num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq_lens))
-    sparse = upcycle.convert(copy.deepcopy(dense), upcycle.BankSparseConfig(bank_size=args.bank_size, keep=args.keep),
-                             progress=False)
+    if args.model:  # a real dense checkpoint (e.g. SmolLM2-135M): whole-model steps
+        dense = upcycle.load(args.model)
+    else:
+        dense = tiny_model("qwen2", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+                           num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                           num_key_value_heads=args.kv_heads, max_position_embeddings=max(args.seq_lens))
+    cfg = upcycle.BankSparseConfig(bank_size=args.bank_size, keep=args.keep, predictor=args.predictor,
+                                   predictor_budget=args.predictor_budget)
+    sparse = upcycle.convert(copy.deepcopy(dense), cfg, progress=False)
     dense = upcycle.to_dense(copy.deepcopy(sparse))  # the sparse model's dense parent, same weights
     models = {}
     for name, m in (("sparse", sparse), ("dense", dense)):
@@ -122,9 +126,10 @@ def measure(args) -> list[dict]:
     seq = args.seq_lens[0]
     mem = CudaMemory() if device.type == "cuda" else CpuMemory()
     models = build(args, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or args.bf16)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, args.vocab, (1, seq), generator=gen).to(device)
+    vocab = next(iter(models.values()))[0].model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, seq), generator=gen).to(device)
     wall = {name: [] for name in models}
 
     def step(name):
@@ -156,7 +161,7 @@ def measure(args) -> list[dict]:
     for name in ("sparse", "dense"):
         t = statistics.median(times[name])
         state = state_bytes(*models[name])
-        rows.append({"seq_len": seq, "method": name, "step_s": t, "tokens_per_s": seq / t,
+        rows.append({"seq_len": seq, "method": name, "step_s": t, "tokens_per_s": args.batch * seq / t,
                      "peak_mb": (state + peaks[name]) / 2**20, "step_mb": peaks[name] / 2**20,
                      "state_mb": state / 2**20, "times_s": times[name], "wall_s": wall[name][-args.reps:],
                      "device": device.type,
@@ -175,6 +180,13 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=14)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--model", default=None, help="a dense checkpoint to time whole-model steps of (default: a random "
+                   "model of the --hidden/--ffn/--layers shape)")
+    p.add_argument("--predictor", choices=["auto", "shadow", "lowrank"], default="auto",
+                   help="the sparse model's predictor (auto: what the budget rule picks, the default)")
+    p.add_argument("--predictor-budget", type=float, default=0.10)
+    p.add_argument("--batch", type=int, default=1, help="sequences per step")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too (both methods)")
     p.add_argument("--bank-size", type=int, default=64)
     p.add_argument("--keep", type=int, default=16)
     p.add_argument("--reps", type=int, default=3, help="timed steps per method (median reported)")

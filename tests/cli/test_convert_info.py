@@ -71,8 +71,9 @@ def test_predictor_budget_picks_a_shadow_and_info_counts_its_bytes(dense_dir, tm
     assert (m.predictor.kind, m.predictor.bits, m.predictor.group_size) == ("shadow", 4, 64)
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["predictor_params"] == 0
-    # gate + up (2/3 of the FFN weights) at 4 bits + a 16-bit scale and minimum per 64 weights
-    assert abs(info["predictor_bytes_per_token"] - info["ffn_params"] * 2 / 3 * 4.5 / 8) < 1e-6
+    # the default shadow's routing parameter: a learned bias per channel (d_ff = 256, 2 layers), fp32 here
+    assert info["predictor_params"] == 2 * 256
+    # gate + up (2/3 of the FFN weights) at 4 bits + a 16-bit scale and minimum per 64 weights, + the bias
+    assert abs(info["predictor_bytes_per_token"] - info["ffn_params"] * 2 / 3 * 4.5 / 8 - 2 * 256 * 4) < 1e-6
     assert main(["info", str(out)]) == 0
     assert "shadow 4-bit, groups of 64" in capsys.readouterr().out

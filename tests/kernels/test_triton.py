@@ -124,7 +124,8 @@ def test_triton_default_tiles(kernels):
         (torch.float32, 2, 8, 16, 32, 128, 32, 5),
     ],
 )
-def test_triton_shadow_matches_reference(kernels, dtype, T, bits, group, d, d_ff, bank, keep):
+@pytest.mark.parametrize("scaled", [False, True])  # True: a learned per-channel weight on the scores
+def test_triton_shadow_matches_reference(kernels, dtype, T, bits, group, d, d_ff, bank, keep, scaled):
     """The shadow route kernel unpacks the same codes the CPU kernel reads and scores, routes and
     gathers like the reference on the dequantised shadow."""
     from upcycle.kernels.packing import pack_shadow
@@ -139,7 +140,8 @@ def test_triton_shadow_matches_reference(kernels, dtype, T, bits, group, d, d_ff
     w_down = (torch.randn(d, d_ff) / d_ff**0.5).to(dtype)
     x = torch.randn(T, d).to(dtype)
     w_gate, w_up, w_down, x = (t.to(DEVICE) for t in (w_gate, w_up, w_down, x))
-    pack = pack_shadow(w_gate, w_up, bits, group)
+    cs = torch.rand(d_ff, device=DEVICE).mul_(3).exp_() if scaled else None
+    pack = pack_shadow(w_gate, w_up, bits, group, cs)
     assert pack.gate_codes.device.type == DEVICE
     k = d_ff // bank * keep
     out = torch.full((T, d), float("nan"), dtype=dtype, device=DEVICE)
@@ -148,7 +150,7 @@ def test_triton_shadow_matches_reference(kernels, dtype, T, bits, group, d, d_ff
                                      block_d=32, block_n=16, block_k=16, split_k=2)
     assert y is out and torch.isfinite(out).all(), "every output element must be written"
     gq, uq = (shadow_dequantize(*shadow_quantize(w, bits, group)) for w in (w_gate, w_up))
-    ref_idx = bank_topk_indices(shadow_scores(x.float(), gq, uq), bank, keep)
+    ref_idx = bank_topk_indices(shadow_scores(x.float(), gq, uq, cs), bank, keep)
     assert (idx.long() == ref_idx).float().mean() > 0.99  # summation order differs: a near-tie may flip
     ref = sparse_swiglu_gather_reference(x.float(), w_gate.float(), w_up.float(), w_down.float(), idx.long())
     assert ((y.float() - ref).norm() / ref.norm()).item() < RTOL[dtype]

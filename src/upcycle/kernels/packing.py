@@ -31,13 +31,16 @@ class ShadowPack:
     up_lo: Tensor
     container_bits: int
     group_size: int
+    channel_scale: Tensor | None = None  # float32 [d_ff]: a learned per-channel weight on the scores, or None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
+        return sum(t.nbytes for t in self.tensors() if t is not None)
 
-    def tensors(self) -> tuple[Tensor, ...]:
-        return (self.gate_codes, self.up_codes, self.gate_scale, self.gate_lo, self.up_scale, self.up_lo)
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        """The fields a kernel reads, in the order of the decode ops' arguments (channel_scale may be None)."""
+        return (self.gate_codes, self.up_codes, self.gate_scale, self.gate_lo, self.up_scale, self.up_lo,
+                self.channel_scale)
 
 
 def container_bits(bits: int) -> int:
@@ -68,13 +71,16 @@ def unpack_codes(packed: Tensor, cb: int, group_size: int) -> Tensor:
     return planes.reshape(out_features, -1).to(torch.uint8)
 
 
-def pack_shadow(w_gate: Tensor, w_up: Tensor, bits: int, group_size: int) -> ShadowPack:
-    """Quantise gate/up as `reference.shadow_quantize` does and pack them (on the weights' device)."""
+def pack_shadow(w_gate: Tensor, w_up: Tensor, bits: int, group_size: int,
+                channel_scale: Tensor | None = None) -> ShadowPack:
+    """Quantise gate/up as `reference.shadow_quantize` does and pack them (on the weights' device); `channel_scale`
+    (float32 [d_ff], e.g. exp of a learned log-score bias) multiplies each channel's score."""
     gq, gs, gl = shadow_quantize(w_gate, bits, group_size)
     uq, us, ul = shadow_quantize(w_up, bits, group_size)
     bf = lambda t: t.to(torch.bfloat16).contiguous()  # noqa: E731  (exact: already bf16-rounded)
+    cs = None if channel_scale is None else channel_scale.to(torch.float32, copy=True).contiguous()
     return ShadowPack(pack_codes(gq, bits, group_size), pack_codes(uq, bits, group_size), bf(gs), bf(gl), bf(us),
-                      bf(ul), container_bits(bits), group_size)
+                      bf(ul), container_bits(bits), group_size, cs)
 
 
 def unpack_shadow(pack: ShadowPack) -> tuple[Tensor, Tensor]:
@@ -103,12 +109,14 @@ def shadow_decode_op(name: str, decode: Callable[..., Tensor]) -> Callable[..., 
         gate_lo: Tensor,
         up_scale: Tensor,
         up_lo: Tensor,
+        channel_scale: Tensor | None,
         container_bits: int,
         group_size: int,
         bank_size: int,
         keep: int,
     ) -> Tensor:
-        pack = ShadowPack(gate_codes, up_codes, gate_scale, gate_lo, up_scale, up_lo, container_bits, group_size)
+        pack = ShadowPack(gate_codes, up_codes, gate_scale, gate_lo, up_scale, up_lo, container_bits, group_size,
+                          channel_scale)
         return decode(x, w_gate, w_up, w_down_t, pack, bank_size, keep)
 
     @op.register_fake

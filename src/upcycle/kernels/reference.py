@@ -41,6 +41,21 @@ def bank_topk_mask(logits: Tensor, bank_size: int, keep: int) -> Tensor:
     return mask.reshape(logits.shape)
 
 
+def center_on_bank_threshold(z: Tensor, bank_size: int, keep: int) -> Tensor:
+    """z minus, per bank, the midpoint between its keep-th and (keep+1)-th largest value (no gradient through the
+    threshold): positive exactly on the kept channels, so a sigmoid surrogate of the 0/1 mask is centred on the
+    bank's decision boundary whatever the scale of the scores. keep >= bank_size: every channel kept, z - min + 1."""
+    *lead, d_ff = z.shape
+    zb = z.reshape(*lead, d_ff // bank_size, bank_size)
+    with torch.no_grad():
+        if keep >= bank_size:
+            thr = zb.amin(-1) - 1
+        else:
+            top = zb.topk(keep + 1, dim=-1).values
+            thr = (top[..., keep - 1] + top[..., keep]) / 2
+    return (zb - thr[..., None]).reshape(z.shape)
+
+
 def predictor_logits(x: Tensor, w_in: Tensor, w_out: Tensor, b_out: Tensor | None) -> Tensor:
     """Low-rank routing logits B(A(x)): [T, d] -> [T, d_ff]."""
     return F.linear(F.linear(x, w_in), w_out, b_out)
@@ -51,34 +66,53 @@ def predictor_logits(x: Tensor, w_in: Tensor, w_out: Tensor, b_out: Tensor | Non
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
-def shadow_quantize(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Round-to-nearest asymmetric quantisation of groups of `group_size` inputs of w [out, in].
-
-    Each group's range [min, max] is shrunk about its middle by the factor of CLIP_GRID with the
-    least squared error (below 6 bits; min-max above). Returns (codes uint8 [out, in], scale
-    [out, in / group], lo [out, in / group]); scale and lo are rounded to bfloat16 (what a shadow
-    stores) and returned as float32. w ~ codes * scale + lo.
-    """
+def _groups(w: Tensor, group_size: int) -> Tensor:
     out_features, in_features = w.shape
     if in_features % group_size:
         raise ValueError(f"group_size={group_size} does not divide in_features={in_features}.")
-    wg = w.detach().float().reshape(out_features, in_features // group_size, group_size)
+    return w.detach().float().reshape(out_features, in_features // group_size, group_size)
+
+
+def _quantize_groups(wg: Tensor, bits: int, factor) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, scale, lo) of groups wg [out, n_groups, G], their [min, max] range shrunk by `factor` about its middle."""
     levels = 2**bits - 1
     w_lo, w_hi = wg.amin(-1), wg.amax(-1)
     mid, half = (w_lo + w_hi) / 2, (w_hi - w_lo) / 2
-    best = None
-    for factor in CLIP_GRID if bits < 6 else (1.0,):
-        lo = (mid - half * factor).bfloat16().float()
-        scale = (2 * half * factor / levels).clamp_min(1e-20).bfloat16().float()
-        q = (wg - lo[..., None]).div_(scale[..., None]).round_().clamp_(0, levels)
-        err = (q * scale[..., None] + lo[..., None] - wg).pow_(2).sum(-1)
-        if best is None:
-            best = [q, scale, lo, err]
-        else:
-            better = err < best[3]
-            best = [torch.where(better[..., None], q, best[0]), torch.where(better, scale, best[1]),
-                    torch.where(better, lo, best[2]), torch.minimum(err, best[3])]
-    q, scale, lo, _ = best
+    lo = (mid - half * factor).bfloat16().float()
+    scale = (2 * half * factor / levels).clamp_min(1e-20).bfloat16().float()
+    q = (wg - lo[..., None]).div_(scale[..., None]).round_().clamp_(0, levels)
+    return q, scale, lo
+
+
+def clip_search(w: Tensor, bits: int, group_size: int) -> Tensor:
+    """Per group of `group_size` inputs of w [out, in], the CLIP_GRID factor with the least squared error
+    (below 6 bits; 1.0 above): [out, in / group] float32."""
+    wg = _groups(w, group_size)
+    if bits >= 6:
+        return torch.ones(wg.shape[:2])
+    errs = []
+    for factor in CLIP_GRID:
+        q, scale, lo = _quantize_groups(wg, bits, factor)
+        errs.append((q.mul_(scale[..., None]).add_(lo[..., None]).sub_(wg)).pow_(2).sum(-1))
+    best = torch.stack(errs).argmin(0)  # the first of equal errors: the widest range
+    return torch.tensor(CLIP_GRID, dtype=torch.float32, device=w.device)[best]
+
+
+def shadow_quantize(w: Tensor, bits: int, group_size: int, factors: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest asymmetric quantisation of groups of `group_size` inputs of w [out, in].
+
+    Each group's range [min, max] is shrunk about its middle by the factor of CLIP_GRID with the
+    least squared error (below 6 bits; min-max above), or by the given `factors` [out, in / group]
+    (a cached `clip_search`: one pass instead of one per grid point). Returns (codes uint8 [out, in],
+    scale [out, in / group], lo [out, in / group]); scale and lo are rounded to bfloat16 (what a shadow
+    stores) and returned as float32. w ~ codes * scale + lo.
+    """
+    out_features, in_features = w.shape
+    wg = _groups(w, group_size)
+    if factors is None:
+        factors = clip_search(w, bits, group_size)
+    q, scale, lo = _quantize_groups(wg, bits, factors.to(wg.device))
     return q.to(torch.uint8).reshape(out_features, in_features), scale, lo
 
 
@@ -90,9 +124,11 @@ def shadow_dequantize(codes: Tensor, scale: Tensor, lo: Tensor) -> Tensor:
     return (q * scale[..., None] + lo[..., None]).reshape(out_features, in_features)
 
 
-def shadow_scores(x: Tensor, gate_q: Tensor, up_q: Tensor) -> Tensor:
-    """Channel scores of a shadow predictor: |silu(x Gq^T) * (x Uq^T)|, [T, d] -> [T, d_ff]."""
-    return (F.silu(F.linear(x, gate_q)) * F.linear(x, up_q)).abs()
+def shadow_scores(x: Tensor, gate_q: Tensor, up_q: Tensor, channel_scale: Tensor | None = None) -> Tensor:
+    """Channel scores of a shadow predictor: |silu(x Gq^T) * (x Uq^T)| (times a per-channel weight, the exp of a
+    learned log-score bias), [T, d] -> [T, d_ff]."""
+    s = (F.silu(F.linear(x, gate_q)) * F.linear(x, up_q)).abs()
+    return s if channel_scale is None else s * channel_scale
 
 
 def sparse_swiglu_reference(
@@ -138,3 +174,11 @@ def sparse_swiglu_gather_reference(
     if gate_values is not None:
         h = h * gate_values
     return torch.einsum("tk,tdk->td", h, w_down[:, idx].permute(1, 0, 2))
+
+
+def nm24_linear_reference(x: Tensor, pack, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T + b for a 2:4 weight in the compressed form (`nm_packing.NM24Pack`), in float32 (the N:M decode
+    kernel's accumulation precision): x [..., in] -> [..., out]."""
+    from upcycle.kernels.nm_packing import unpack_nm24
+
+    return F.linear(x.float(), unpack_nm24(pack).float(), None if bias is None else bias.float())

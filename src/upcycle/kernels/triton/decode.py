@@ -112,6 +112,7 @@ def _shadow_route_gateup_kernel(
     lg_ptr,
     su_ptr,
     lu_ptr,
+    cs_ptr,
     wg_ptr,
     wu_ptr,
     LDG,
@@ -122,6 +123,7 @@ def _shadow_route_gateup_kernel(
     D,
     BANK,
     KEEP,
+    HAS_CS: tl.constexpr,
     CB: tl.constexpr,
     G: tl.constexpr,
     GB: tl.constexpr,
@@ -162,6 +164,8 @@ def _shadow_route_gateup_kernel(
         zu += tl.load(su_ptr + q, mask=imask, other=0.0).to(tl.float32) * du
         zu += tl.load(lu_ptr + q, mask=imask, other=0.0).to(tl.float32) * xsum
     z = tl.where(imask, tl.abs(zg / (1.0 + tl.exp(-zg)) * zu), float("-inf"))
+    if HAS_CS:  # a learned per-channel weight on the scores (exp of the predictor's log-score bias)
+        z = z * tl.load(cs_ptr + ch, mask=imask, other=1.0)
     h, rows, _, k, kmask = _keep_and_gather(z, i, imask, t, b, x_ptr, wg_ptr, wu_ptr, LDG, LDU, D, BANK, KEEP,
                                             KEEP_P2, BLOCK_D)
     out = t * (n_banks * KEEP) + b * KEEP + k
@@ -379,9 +383,11 @@ def shadow_sparse_decode(
     x = x.contiguous()
     h = torch.empty(T, n_banks * keep, dtype=torch.float32, device=x.device)
     idx = idx_out if idx_out is not None else torch.empty(T, n_banks * keep, dtype=torch.int32, device=x.device)
+    cs = shadow.channel_scale
     _shadow_route_gateup_kernel[(T, n_banks)](
         x,
-        *shadow.tensors(),
+        *shadow.tensors()[:6],
+        cs if cs is not None else shadow.gate_scale,  # not read without HAS_CS
         w_gate,
         w_up,
         w_gate.stride(0),
@@ -392,6 +398,7 @@ def shadow_sparse_decode(
         D,
         bank_size,
         keep,
+        HAS_CS=cs is not None,
         CB=cb,
         G=G,
         GB=gb,

@@ -34,11 +34,17 @@ def add_convert_arguments(g: argparse._ArgumentGroup) -> None:
                    help="auto: a low-bit shadow of gate/up when 2 bits fit the budget, else low-rank (%(default)s)")
     g.add_argument("--rank", type=int, default=None, help="pin the low-rank predictor's rank (implies lowrank)")
     g.add_argument("--shadow-bits", type=int, default=None, help="pin the shadow's bits (2-8)")
+    g.add_argument("--shadow-bias", action=argparse.BooleanOptionalAction, default=d.shadow_bias,
+                   help="a shadow's learned per-channel bias on its log-score, trained by the LM loss (on by "
+                   "default; --no-shadow-bias: the pure shadow, no routing parameter)")
     g.add_argument("--init", choices=["svd", "calibrate", "random"], default=None,
                    help="low-rank predictor init (default: calibrate with --data, else svd)")
     g.add_argument("--gate-mode", choices=["ste", "sigmoid"], default=d.gate_mode, help="(%(default)s)")
     g.add_argument("--layers", default=None, help="comma-separated layer indices to convert (default all)")
     g.add_argument("--keep-per-layer", default=None, help="overrides, e.g. 0=64,27=32 (64 = dense layer)")
+    g.add_argument("--keep-allocation", choices=["uniform", "mass"], default=d.keep_allocation,
+                   help="mass: keep per layer from --data, the same total, more where |h| is spread over many "
+                   "channels (%(default)s)")
     g.add_argument("--data", nargs="+", default=None, help="text files/dirs for calibration and the recall report")
     g.add_argument("--calib-tokens", type=int, default=32768, help="tokens of --data to use (%(default)s)")
     g.add_argument("--seq-len", type=int, default=256, help="calibration window length (%(default)s)")
@@ -48,6 +54,8 @@ def add_convert_arguments(g: argparse._ArgumentGroup) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BankSparseConfig:
     init = args.init or ("calibrate" if args.data else "svd")
+    if args.keep_allocation == "mass" and not args.data:
+        raise ValueError("--keep-allocation mass needs --data TEXT_FILE (calibration text).")
     if init == "calibrate" and not args.data:
         raise ValueError("--init calibrate needs --data TEXT_FILE (calibration text); or use --init svd.")
     try:
@@ -56,8 +64,10 @@ def config_from_args(args: argparse.Namespace) -> BankSparseConfig:
         raise ValueError(f"--layers {args.layers!r}: expected comma-separated layer indices, e.g. 0,1,5.") from None
     return BankSparseConfig(
         bank_size=args.bank_size, keep=args.keep, predictor=args.predictor, predictor_budget=args.predictor_budget,
-        predictor_rank=args.rank, shadow_bits=args.shadow_bits, gate_mode=args.gate_mode, predictor_init=init,
+        predictor_rank=args.rank, shadow_bits=args.shadow_bits, shadow_bias=args.shadow_bias,
+        gate_mode=args.gate_mode, predictor_init=init,
         layers=layers, keep_per_layer=parse_keep_per_layer(args.keep_per_layer), calibrate_steps=args.calib_steps,
+        keep_allocation=args.keep_allocation,
     )
 
 

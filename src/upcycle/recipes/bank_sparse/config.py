@@ -33,6 +33,8 @@ class BankSparseConfig:
     The predictor is chosen by `predictor_budget`: the fraction of the dense FFN's 16-bit weight bytes
     it may read per token. `auto` takes a low-bit shadow of gate/up (`shadow`) when 2 bits fit, else a
     low-rank one (`lowrank`, hidden -> rank -> d_ff); `predictor_rank` / `shadow_bits` pin the size.
+    A shadow carries a learned per-channel bias on its log-score (`shadow_bias`): the routing parameter
+    that continual training optimises on the LM path.
     """
 
     bank_size: int = 64
@@ -42,10 +44,17 @@ class BankSparseConfig:
     predictor_rank: int | None = None  # lowrank; None: the largest rank within predictor_budget
     shadow_bits: int | None = None  # shadow; None: the most bits within predictor_budget
     shadow_group_size: int | None = None  # shadow; None: the smallest group within predictor_budget
+    # shadow: a learned per-channel bias on the log-score (zero at conversion), trained by the LM loss through the
+    # straight-through surrogate; False: the pure shadow, which has no parameter of its own
+    shadow_bias: bool = True
     gate_mode: GateMode = "ste"
     predictor_init: PredictorInit = "svd"
     layers: list[int] | None = None
     keep_per_layer: dict[int, int] = field(default_factory=dict)
+    # `mass`: keep per layer allocated from calibration data (convert(..., calibration_ids=)) under the same
+    # total: layers whose |h| mass is spread over many channels keep more (see convert.allocate_keep);
+    # explicit keep_per_layer entries stay as given
+    keep_allocation: Literal["uniform", "mass"] = "uniform"
     # `ste`: temperature of the sigmoid surrogate used for the backward pass.
     ste_temperature: float = 1.0
     # `sigmoid`: gate = 2 * sigmoid(alpha * logits); alpha is learned, starts small so the start is near dense.
@@ -68,6 +77,8 @@ class BankSparseConfig:
                     f"{where}={keep} must lie in [1, bank_size={self.bank_size}]: "
                     f"set keep <= bank_size (e.g. keep={self.bank_size // 4} for 4x sparsity)."
                 )
+        if self.keep_allocation not in ("uniform", "mass"):
+            raise ValueError(f"keep_allocation={self.keep_allocation!r} is not one of ('uniform', 'mass').")
         if self.gate_mode not in GATE_MODES:
             raise ValueError(f"gate_mode={self.gate_mode!r} is not one of {GATE_MODES}.")
         if self.predictor_init not in PREDICTOR_INITS:
@@ -84,6 +95,8 @@ class BankSparseConfig:
             raise ValueError(f"shadow_group_size={self.shadow_group_size} must be >= 1.")
         if self.layers is not None and (any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers)):
             raise ValueError(f"layers={self.layers} must be distinct layer indices >= 0.")
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers=[] converts nothing: list the layer indices to convert, or null for all.")
         if not (math.isfinite(self.ste_temperature) and self.ste_temperature > 0):
             raise ValueError(f"ste_temperature={self.ste_temperature} must be a finite number > 0.")
         if not (math.isfinite(self.sigmoid_scale_init) and math.isfinite(self.calibrate_lr) and self.calibrate_lr > 0):

@@ -62,8 +62,9 @@ def summarize(path: Path, config: BankSparseConfig | None, shapes: dict) -> dict
         dense_bytes = e["ffn_params"] * e["bytes_per_param"]
         pred_bytes = e["predictor_params"] * e["bytes_per_param"]
         if config is not None and config.predictor == "shadow" and keep is not None:
-            # gate + up (2/3 of the FFN's weights) at `bits` each plus a 16-bit scale and zero per group
-            pred_bytes = e["ffn_params"] * 2 / 3 * shadow_bits_per_weight(config) / 8
+            # gate + up (2/3 of the FFN's weights) at `bits` each plus a 16-bit scale and zero per group, and
+            # the learned per-channel bias if there is one (its tensors are the predictor's parameters)
+            pred_bytes += e["ffn_params"] * 2 / 3 * shadow_bits_per_weight(config) / 8
         rows.append({
             "layer": idx,
             "keep": keep,
@@ -100,7 +101,9 @@ def format_summary(s: dict) -> list[str]:
     if c:
         if c.get("predictor") == "shadow":
             pred = f"shadow {c['shadow_bits']}-bit, groups of {c['shadow_group_size']}"
-            learns = "nothing of its own (re-quantised from gate/up as they train)"
+            learns = ("predictor.bias (a per-channel bias on the shadow's log-score; the shadow itself is "
+                      "re-quantised from gate/up as they train)" if c.get("shadow_bias") else
+                      "none (a pure shadow: re-quantised from gate/up as they train)")
         else:
             pred = f"low-rank, rank {c['predictor_rank']}"
             learns = "predictor.in_proj, predictor.out_proj" + (", gate_scale" if c["gate_mode"] == "sigmoid" else "")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from upcycle.kernels.reference import shadow_dequantize, shadow_quantize
+from upcycle.kernels.reference import clip_search, shadow_dequantize, shadow_quantize
 
 # Per quantisation group a shadow stores a 16-bit scale and a 16-bit zero point.
 SHADOW_GROUP_OVERHEAD_BITS = 32
@@ -45,9 +45,9 @@ def shadow_bytes_fraction(bits: int, group_size: int) -> float:
     return 2 * (bits + SHADOW_GROUP_OVERHEAD_BITS / group_size) / (3 * 16)
 
 
-def fake_quantize(w: Tensor, bits: int, group_size: int) -> Tensor:
+def fake_quantize(w: Tensor, bits: int, group_size: int, factors: Tensor | None = None) -> Tensor:
     """w through a `bits`-bit shadow and back (see kernels.reference.shadow_quantize), in w's dtype."""
-    return shadow_dequantize(*shadow_quantize(w, bits, group_size)).to(w.dtype)
+    return shadow_dequantize(*shadow_quantize(w, bits, group_size, factors)).to(w.dtype)
 
 
 def choose_predictor(budget: float, hidden_size: int, intermediate_size: int, kind: str = "auto",
@@ -85,18 +85,29 @@ def choose_predictor(budget: float, hidden_size: int, intermediate_size: int, ki
 
 
 class ShadowPredictor(nn.Module):
-    """Scores |silu(x Gq^T) * (x Uq^T)|: the oracle's |h| computed from a low-bit copy of gate and up.
+    """Scores channels by |silu(x Gq^T) * (x Uq^T)|: the oracle's |h| computed from a low-bit copy of gate and up.
 
     The shadow is a function of the live FFN weights, not a separate parameter: it is re-quantised
     whenever they change (cached on their version counters), so during continual training it tracks
-    the FFN as it learns, and a checkpoint needs no extra tensors (`bits` and `group_size` live in the
+    the FFN as it learns, and a checkpoint needs no copy of it (`bits` and `group_size` live in the
     config). Ranking SwiGLU channels needs both gate and up; low rank loses that, a low-bit copy
     does not (4-bit recall of the oracle mask ~0.9 on SmolLM2-135M, see bench/real_model.py).
+
+    `learned_bias`: a per-channel bias on the log-score, `log|h_q| + bias` (zero at conversion, so the
+    ranking starts as the pure shadow's), trained by the LM loss through the straight-through surrogate:
+    the routing module's parameter on the LM path (`predictor.bias`, d_ff values per layer). Decode
+    kernels apply it as the channel weight exp(bias) on |h_q|, the same ranking.
+
+    Training re-quantises with each group's clipping factor cached from the last full search (one pass
+    instead of one per grid point, `REFIT_EVERY` forwards between searches); no-grad forwards (evaluation,
+    decode) always use the exact search, as the decode kernels' packed shadow does.
     """
 
     kind = "shadow"
+    REFIT_EVERY = 32  # training forwards between full clipping searches
 
-    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, bits: int, group_size: int):
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, bits: int, group_size: int,
+                 learned_bias: bool = False):
         super().__init__()
         if not 2 <= bits <= 8:
             raise ValueError(f"shadow bits must lie in [2, 8], got {bits}.")
@@ -104,24 +115,53 @@ class ShadowPredictor(nn.Module):
         # A plain tuple: the FFN's linears stay owned (and saved, sharded) by the FFN module alone.
         self._sources = (gate_proj, up_proj)
         self._cache: tuple | None = None
+        self._factors: tuple[Tensor, Tensor] | None = None  # cached clip factors of gate and up
+        self._since_search = 0
+        w = gate_proj.weight
+        if learned_bias:
+            self.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        else:
+            self.register_parameter("bias", None)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, group_size={self.group_size}"
+        return f"bits={self.bits}, group_size={self.group_size}" + (", learned bias" if self.bias is not None else "")
 
-    def shadow_weights(self) -> tuple[Tensor, Tensor]:
+    def shadow_weights(self, exact: bool | None = None) -> tuple[Tensor, Tensor]:
+        """The fake-quantised gate and up weights; `exact` (default: when autograd is off) forces the full search."""
+        exact = not torch.is_grad_enabled() if exact is None else exact
         gate, up = (lin.weight for lin in self._sources)
         key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in (gate, up))
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, fake_quantize(gate, self.bits, self.group_size),
-                               fake_quantize(up, self.bits, self.group_size))
-        return self._cache[1], self._cache[2]
+        if self._cache is not None and self._cache[0] == key and (self._cache[1] or not exact):
+            return self._cache[2], self._cache[3]
+        with torch.no_grad():
+            if exact or self._factors is None or self._since_search >= self.REFIT_EVERY:
+                self._factors = (clip_search(gate, self.bits, self.group_size),
+                                 clip_search(up, self.bits, self.group_size))
+                self._since_search, searched = 0, True
+            else:
+                self._since_search, searched = self._since_search + 1, False
+            gq, uq = (fake_quantize(w, self.bits, self.group_size, f) for w, f in zip((gate, up), self._factors,
+                                                                                     strict=True))
+        self._cache = (key, searched, gq, uq)
+        return gq, uq
 
-    def forward(self, x: Tensor) -> Tensor:
+    def magnitudes(self, x: Tensor) -> Tensor:
+        """|h_q| = |silu(x Gq^T) * (x Uq^T)| (no gradient: the shadow follows the FFN weights, it is not trained)."""
         gq, uq = self.shadow_weights()
         gate, up = self._sources
         with torch.no_grad():
             return (F.silu(F.linear(x, gq, gate.bias)) * F.linear(x, uq, up.bias)).abs()
+
+    def channel_scale(self) -> Tensor | None:
+        """exp(bias) in float32: the learned bias as a multiplicative channel weight on |h_q| (decode kernels)."""
+        return None if self.bias is None else self.bias.detach().float().exp()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Routing scores [..., d_ff]: |h_q|, or with a learned bias log|h_q| + bias (the bias carries the gradient)."""
+        mag = self.magnitudes(x)
+        if self.bias is None:
+            return mag
+        return mag.float().clamp_min_(1e-30).log_() + self.bias.float()
 
     def __getstate__(self):  # deepcopy / pickle: the cache is rebuilt on demand
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()

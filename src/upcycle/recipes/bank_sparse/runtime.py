@@ -11,6 +11,8 @@ Which kernel:
   * CUDA: the Triton kernels (`upcycle.kernels.triton`) when triton is installed, else torch ops.
   * A shadow predictor (`kernels.packing`) has no torch-ops path: the fused C or Triton kernel, else
     the reference path.
+  * int8 FFN weights (`upcycle.quantize`: gate/up with per-row scales, down with per-channel scales):
+    the fused C kernel's int8 rows (CPU only), else the reference path.
 
 Switches (`upcycle.kernels.use_kernels(mode, layout=..., shadow_dots=...)`, else the environment variables,
 read on every call):
@@ -95,8 +97,18 @@ def _empty(shape: tuple[int, int], like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+def _is_int8(lin: nn.Module) -> bool:
+    """An `upcycle.quantization.Int8Linear` (duck-typed: that module imports nothing from the recipes)."""
+    return getattr(lin, "axis", None) in ("out", "in") and getattr(lin, "qweight", None) is not None
+
+
+def _w(lin: nn.Module) -> Tensor:
+    """The tensor a kernel reads: the int8 codes of an Int8Linear, else the weight."""
+    return lin.qweight if _is_int8(lin) else lin.weight
+
+
 def _cache(module: nn.Module, layout: str) -> _DecodeCache:
-    g, u, dn = module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight
+    g, u, dn = _w(module.gate_proj), _w(module.up_proj), _w(module.down_proj)
     key = (_key(dn),) if layout == "split" else (_key(g), _key(u), _key(dn))
     caches = module.__dict__.setdefault(_CACHE_ATTR, {})
     cache = caches.get(layout)
@@ -123,15 +135,20 @@ _SHADOW_ATTR = "_upcycle_shadow_pack"
 
 
 def _shadow_pack(module: nn.Module):
-    """The shadow predictor packed for the fused kernels, rebuilt when gate/up change."""
+    """The shadow predictor packed for the fused kernels, rebuilt when gate/up (or its learned bias) change."""
     from upcycle.kernels.packing import pack_shadow
 
-    g, u = module.gate_proj.weight, module.up_proj.weight
-    key = (_key(g), _key(u), module.predictor.bits, module.predictor.group_size)
+    gl, ul, pred = module.gate_proj, module.up_proj, module.predictor
+    g, u = _w(gl), _w(ul)
+    bias = getattr(pred, "bias", None)
+    key = (_key(g), _key(u), pred.bits, pred.group_size, None if bias is None else _key(bias))
     cached = module.__dict__.get(_SHADOW_ATTR)
     if cached is None or cached[0] != key:
         module.__dict__.pop(_SHADOW_ATTR, None)
-        cached = (key, pack_shadow(g, u, module.predictor.bits, module.predictor.group_size))
+        if _is_int8(gl):  # the shadow of the dequantised weights (what the FFN computes with)
+            g, u = gl.dequantize(), ul.dequantize()
+        cs = pred.channel_scale() if hasattr(pred, "channel_scale") else None
+        cached = (key, pack_shadow(g, u, pred.bits, pred.group_size, cs))
         module.__dict__[_SHADOW_ATTR] = cached
     return cached[1]
 
@@ -143,7 +160,7 @@ def prepare(model: nn.Module, layout: str | None = None) -> int:
     """
     total = 0
     for m in _sparse_modules(model):
-        device = m.down_proj.weight.device.type
+        device = _w(m.down_proj).device.type
         total += _cache(m, layout or decode_layout(device)).nbytes
         if m.predictor.kind == "shadow":
             total += _shadow_pack(m).nbytes
@@ -159,6 +176,7 @@ def release(model: nn.Module) -> None:
     for m in _sparse_modules(model):
         m.__dict__.pop(_CACHE_ATTR, None)
         m.__dict__.pop(_SHADOW_ATTR, None)
+        m.__dict__.pop(_PRED_F32_ATTR, None)
 
 
 def _sparse_modules(model: nn.Module) -> list[nn.Module]:
@@ -184,9 +202,13 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
         return None  # the shadow's low-bit scoring exists in the fused C and Triton kernels only
     gate, up, down = module.gate_proj, module.up_proj, module.down_proj
     pred = () if shadow else (module.predictor.in_proj, module.predictor.out_proj)
+    # int8 rows: gate/up scaled per row, down per channel (upcycle.quantize), CPU only
+    int8 = _is_int8(gate) and (gate.axis, up.axis, down.axis) == ("out", "out", "in") and _is_int8(up) \
+        and _is_int8(down)
     # Kernels read .weight directly: plain nn.Linear only (no LoRA/quantised wrappers), no hooks to skip.
     for lin in (gate, up, down) + pred:
-        if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
+        if (type(lin) is not nn.Linear and not (int8 and lin in (gate, up, down))) or lin._forward_hooks \
+                or lin._forward_pre_hooks:
             return None
     if gate.bias is not None or up.bias is not None or down.bias is not None:
         return None
@@ -197,6 +219,16 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
     device = x.device.type
     if T == 0 or T > max_tokens(device, shadow):
         return None
+    if int8:
+        ws = (gate.qweight, up.qweight, down.qweight)
+        if device != "cpu" or not x.dtype.is_floating_point or any(w.device != x.device for w in ws) or any(
+                lin.weight.dtype != x.dtype or lin.weight.device != x.device for lin in pred):
+            return None
+        from upcycle.kernels import cpu
+
+        if mode not in ("auto", "fused") or T > cpu.FUSED_MAX_TOKENS or not cpu.fused_supports(torch.int8):
+            return None
+        return _run("fused", module, x.reshape(T, d), x.shape)
     dtype = gate.weight.dtype
     ws = (gate.weight, up.weight, down.weight) + tuple(lin.weight for lin in pred)
     if x.dtype != dtype or any(w.dtype != dtype or w.device != x.device or not w.is_contiguous() for w in ws):
@@ -220,6 +252,10 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
 
 def _run(impl: str, module, x2: Tensor, shape: torch.Size) -> Tensor | None:
     layout = "split" if impl == "torch" else decode_layout(x2.device.type)
+    if not torch.compiler.is_compiling():
+        from upcycle.kernels.cpu import features
+
+        features.record("bank_sparse.decode", f"{impl}, {layout} layout")
     compiling = torch.compiler.is_compiling()
     if compiling:
         # Under torch.compile the cache key (data_ptr, version) cannot be traced: call `prepare(model)`
@@ -230,8 +266,10 @@ def _run(impl: str, module, x2: Tensor, shape: torch.Size) -> Tensor | None:
     else:
         cache = _cache(module, layout)
     pred = module.predictor
-    w_gate = module.gate_proj.weight if cache.w_gate is None else cache.w_gate
-    w_up = module.up_proj.weight if cache.w_up is None else cache.w_up
+    w_gate = _w(module.gate_proj) if cache.w_gate is None else cache.w_gate
+    w_up = _w(module.up_proj) if cache.w_up is None else cache.w_up
+    if w_gate.dtype == torch.int8:
+        return _run_int8(module, x2, w_gate, w_up, cache.w_down_t, compiling, shape)
     if pred.kind == "shadow":
         y = _run_shadow(impl, module, x2, w_gate, w_up, cache.w_down_t, compiling)
         return None if y is None else y.reshape(shape)
@@ -288,3 +326,37 @@ def _run_shadow(impl: str, module, x2: Tensor, w_gate: Tensor, w_up: Tensor, w_d
         return backend.fused_sparse_decode(x2, w_gate, w_up, w_down_t, None, None, None, module.bank_size,
                                            module.keep, shadow=pack)
     return backend.shadow_sparse_decode(x2, w_gate, w_up, w_down_t, pack, module.bank_size, module.keep)
+
+
+_PRED_F32_ATTR = "_upcycle_predictor_f32"
+
+
+def _run_int8(module, x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, compiling: bool,
+              shape: torch.Size) -> Tensor | None:
+    """int8 rows through the fused C kernel (eager only: under torch.compile the reference path runs)."""
+    if compiling:
+        return None
+    from upcycle.kernels import cpu
+
+    scales = (module.gate_proj.scale, module.up_proj.scale, module.down_proj.scale)
+    pred = module.predictor
+    if pred.kind == "shadow":
+        y = cpu.fused_sparse_decode(x2, w_gate, w_up, w_down_t, None, None, None, module.bank_size, module.keep,
+                                    shadow=_shadow_pack(module), row_scales=scales)
+        return y.reshape(shape)
+    # the int8 kernel reads a float32 predictor: a float32 copy of a bf16/fp16 one, cached on its weights
+    w_in, w_out, b_out = pred.in_proj.weight, pred.out_proj.weight, pred.out_proj.bias
+    if w_in.dtype != torch.float32:
+        key = (_key(w_in), _key(w_out), None if b_out is None else _key(b_out))
+        cached = module.__dict__.get(_PRED_F32_ATTR)
+        if cached is None or cached[0] != key:
+            cached = (key, w_in.float().contiguous(), w_out.float().contiguous(),
+                      None if b_out is None else b_out.float().contiguous())
+            module.__dict__[_PRED_F32_ATTR] = cached
+        w_in, w_out, b_out = cached[1:]
+    elif b_out is not None and not b_out.is_contiguous():
+        b_out = b_out.contiguous()
+    alpha = None if module.gate_scale is None else float(module.gate_scale)
+    y = cpu.fused_sparse_decode(x2, w_gate, w_up, w_down_t, w_in, w_out, b_out, module.bank_size, module.keep,
+                                gate_scale=alpha, row_scales=scales)
+    return y.reshape(shape)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from upcycle.recipes import stacking
 from upcycle.recipes.bank_sparse.config import BankSparseConfig
 from upcycle.recipes.bank_sparse.modules import sparse_ffns
 from upcycle.recipes.registry import TrainHooks
@@ -125,5 +126,6 @@ class BankSparseHooks(TrainHooks):
         record_aux(self.model, False)
 
 
-def train_hooks(model: nn.Module, options: BankSparseTraining | None) -> BankSparseHooks:
-    return BankSparseHooks(model, options or BankSparseTraining())
+def train_hooks(model: nn.Module, options: BankSparseTraining | None) -> TrainHooks:
+    # with the hooks of recipes this one was stacked on (an N:M model's keep its zeros)
+    return stacking.compose(model, BankSparseHooks(model, options or BankSparseTraining()))

