@@ -204,6 +204,29 @@ def test_fused_shadow_matches_reference(T, bits, group, dtype, dots, monkeypatch
     assert _rel(y, ref) < RTOL[dtype]
 
 
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,group,T", [(2, 96, 1), (4, 48, 5)])
+def test_fused_shadow_with_channel_scale_matches_reference(T, bits, group, dtype):
+    """A learned per-channel weight on the shadow's scores (exp of its log-score bias) changes which channels the
+    kernel keeps exactly as it changes the reference's."""
+    from upcycle.kernels.reference import shadow_dequantize, shadow_quantize, shadow_scores
+
+    d, d_ff, bank, keep = 192, 384, 64, 16
+    w = _weights(d, d_ff, 4, dtype)
+    x = torch.randn(T, d).to(dtype)
+    cs = torch.randn(d_ff).mul_(1.5).exp_()
+    pack = pack_shadow(w["w_gate"], w["w_up"], bits, group, cs)
+    idx = torch.full((T, d_ff // bank * keep), -1, dtype=torch.int32)
+    cpu.fused_sparse_decode(x, w["w_gate"], w["w_up"], w["w_down"].t().contiguous(), None, None, None, bank, keep,
+                            idx_out=idx, shadow=pack)
+    gq, uq = (shadow_dequantize(*shadow_quantize(w[k], bits, group)) for k in ("w_gate", "w_up"))
+    ref_idx = bank_topk_indices(shadow_scores(x.float(), gq, uq, cs), bank, keep)
+    plain_idx = bank_topk_indices(shadow_scores(x.float(), gq, uq), bank, keep)
+    assert (idx.long() == ref_idx).float().mean() > 0.99
+    assert (idx.long() == plain_idx).float().mean() < 0.9  # the weights did change the ranking
+
+
 def test_pack_codes_layout():
     codes = torch.randint(0, 4, (3, 64), dtype=torch.uint8)
     packed = pack_codes(codes, 2, 32)

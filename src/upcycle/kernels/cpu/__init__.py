@@ -8,8 +8,10 @@ Two paths, chosen by measurement (bench/decode.py):
   gate row, up row and down column (a row of the transposed down copy) once for every token that kept
   it: the weight bytes read are those of the union of the tokens' kept channels, the FLOPs those of
   per-token gathers. Weights may be float32, bfloat16 or float16; the arithmetic is float32. A shadow
-  predictor is scored from its packed codes (`kernels.packing`) with int16 dot products on AVX2 CPUs
-  (float elsewhere). The output does not depend on the thread count (fixed bank chunks).
+  predictor is scored from its packed codes (`kernels.packing`) with int16 dot products, by the best
+  integer path this CPU has (AVX-512-VNNI, AVX-VNNI or AVX2, chosen per call: `features.py`; float dots
+  elsewhere). The output does not depend on the thread count (fixed bank chunks). `features.DISPATCH`
+  records the path each kernel last ran (`upcycle info --kernels`).
 * `torch`: predictor + top-k + index_select GEMVs + embedding_bag for the down projection, in plain
   torch ops (any device and dtype). The fallback when no C compiler is found.
 """
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from upcycle.kernels import switches
-from upcycle.kernels.cpu import build
+from upcycle.kernels.cpu import build, features
 from upcycle.kernels.packing import ShadowPack, shadow_decode_op
 from upcycle.kernels.reference import bank_topk_indices, predictor_logits
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # Tokens per call the fused kernel accepts (it keeps one bit per token and channel in a uint64).
 FUSED_MAX_TOKENS = 64
-ABI_VERSION = 6
+ABI_VERSION = 8
 
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
@@ -45,21 +47,58 @@ class DecodeArgs(ctypes.Structure):
 
     _fields_ = [("x", _P), ("y", _P), ("idx_out", _P), ("win", _P), ("wout", _P), ("bout", _P),
                 ("wg", _P), ("wu", _P), ("wdt", _P), ("qg", _P), ("qu", _P),
-                ("sg", _P), ("lg", _P), ("su", _P), ("lu", _P), ("ldg", _L), ("ldu", _L), ("ldd", _L),
+                ("sg", _P), ("lg", _P), ("su", _P), ("lu", _P), ("ws", _P), ("scg", _P), ("scu", _P), ("scd", _P),
+                ("ldg", _L), ("ldu", _L), ("ldd", _L),
                 ("T", _I), ("d", _I), ("dff", _I), ("r", _I), ("bank", _I), ("keep", _I), ("use_sigmoid", _I),
-                ("nthreads", _I), ("cb", _I), ("G", _I), ("int_dots", _I), ("alpha", ctypes.c_float)]
+                ("nthreads", _I), ("cb", _I), ("G", _I), ("dot_path", _I), ("lin_path", _I),
+                ("alpha", ctypes.c_float)]
 
 
-# `use_kernels(shadow_dots="float")`: score a shadow with float dots instead of int16 ones (A/B only).
-SHADOW_DOTS = ("int16", "float")
+class LinearArgs(ctypes.Structure):
+    """Mirror of `upc_linear_args` in csrc/bank_sparse_decode.c."""
+
+    _fields_ = [("x", _P), ("y", _P), ("q", _P), ("s", _P), ("b", _P), ("ldq", _L),
+                ("T", _I), ("N", _I), ("K", _I), ("nthreads", _I), ("dot_path", _I)]
+
+
+# `use_kernels(shadow_dots=...)` (or UPCYCLE_SHADOW_DOTS): how the fused kernel scores a shadow. auto (default)
+# and int16: the best integer path this CPU has; float: float dots; or one path by name, for A/B tests (an
+# unsupported one raises, naming the missing CPU features).
+SHADOW_DOTS = ("auto", "int16", "float", *(p for p in features.DOT_PATHS if p != "float"))
 
 
 def shadow_dots() -> str:
     return switches.option("shadow_dots", "UPCYCLE_SHADOW_DOTS", SHADOW_DOTS,
-                           "float" if os.environ.get("UPCYCLE_SHADOW_FLOAT_DOTS") else "int16")
+                           "float" if os.environ.get("UPCYCLE_SHADOW_FLOAT_DOTS") else "auto")
 
 
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_DOT_NAMES = {v: k for k, v in features.DOT_PATH_IDS.items()}
+
+
+def resolve_dot_path(requested: str | None = None) -> str:
+    """The shadow dot path a call runs for `requested` (default: the active switch); ValueError when this CPU or
+    build lacks it."""
+    requested = shadow_dots() if requested is None else requested
+    lib = fused_library()
+    if lib is None:
+        raise RuntimeError(f"fused CPU kernel unavailable: {_lib_error}")
+    rid = features.DOT_PATH_IDS["auto" if requested == "int16" else requested]
+    got = lib.upc_resolve_dot_path(rid)
+    if got < 0:
+        need = ", ".join(features.missing(requested)) or "a compiler that supports it"
+        raise ValueError(f"shadow dot path {requested!r} is not available here (needs {need}); this CPU runs "
+                         f"{', '.join(available_dot_paths())}")
+    return _DOT_NAMES[got]
+
+
+def available_dot_paths() -> list[str]:
+    """The shadow dot paths the built kernel can run on this CPU, best first."""
+    lib = fused_library()
+    mask = 1 << features.DOT_PATH_IDS["float"] if lib is None else lib.upc_dot_paths()
+    return [p for p in features.DOT_PATHS if mask >> features.DOT_PATH_IDS[p] & 1]
+
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.int8: "i8"}
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -74,12 +113,21 @@ def _build() -> ctypes.CDLL:
     lib = build.build("bank_sparse_decode.c", "bank_sparse_decode")
     if lib.upc_abi_version() != ABI_VERSION or lib.upc_args_size() != ctypes.sizeof(DecodeArgs):
         raise RuntimeError("the compiled kernel does not match upcycle.kernels.cpu.DecodeArgs (stale cache?)")
+    lib.upc_dot_paths.restype = _I
+    lib.upc_resolve_dot_path.argtypes = [_I]
+    lib.upc_resolve_dot_path.restype = _I
     for suf in _SUFFIX.values():
         fn = getattr(lib, f"upc_decode_{suf}", None)
         if fn is None:  # float16 needs a compiler with _Float16
             continue
         fn.argtypes = [ctypes.POINTER(DecodeArgs)]
         fn.restype = _I
+    if lib.upc_linear_args_size() != ctypes.sizeof(LinearArgs):
+        raise RuntimeError("the compiled kernel does not match upcycle.kernels.cpu.LinearArgs (stale cache?)")
+    lib.upc_linear_i8.argtypes = [ctypes.POINTER(LinearArgs)]
+    lib.upc_linear_i8.restype = _I
+    lib.upc_linear_dot_path.argtypes = [_I, _I]
+    lib.upc_linear_dot_path.restype = _I
     return lib
 
 
@@ -147,7 +195,7 @@ class _ThreadChooser:
     the caller wait, and one thread is faster. Which holds changes by the second, so measure it.
     """
 
-    EXPLORE = 16  # every 16th call of a shape runs the other choice
+    EXPLORE = 64  # every 64th call of a shape runs the other choice (a bad one can cost ms on a loaded machine)
     ALPHA = 0.25
 
     def __init__(self) -> None:
@@ -205,6 +253,7 @@ def fused_sparse_decode(
     idx_out: Tensor | None = None,
     num_threads: int | None = None,
     shadow: ShadowPack | None = None,
+    row_scales: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Fused CPU decode: x [T, d] -> y [T, d] (x's dtype). CPU weights of one dtype.
 
@@ -215,6 +264,8 @@ def fused_sparse_decode(
     (int32, [T, n_banks * keep], ascending per bank) are optional outputs. `num_threads` None: up to
     torch.get_num_threads() (or UPCYCLE_CPU_THREADS), 1 or all chosen per call shape by measured time.
     `shadow` (a `pack_shadow` result) replaces the low-rank predictor (w_in, w_out, b_out are then None).
+    int8 rows (w_gate, w_up, w_down_t of dtype int8) need `row_scales` (float32 [d_ff] each: row c of the
+    gate / up / down^T weights is q[c] * scale[c]) and a float32 predictor.
     """
     lib = fused_library()
     if lib is None:
@@ -223,9 +274,14 @@ def fused_sparse_decode(
     d_ff, r = (w_gate.shape[0], 0) if shadow is not None else w_out.shape
     dtype = w_gate.dtype
     pred = () if shadow is not None else (w_in, w_out) + (() if b_out is None else (b_out,))
-    ws = (w_gate, w_up, w_down_t) + pred
-    if any(w.dtype != dtype or w.device.type != "cpu" for w in ws) or dtype not in _supported:
-        raise ValueError(f"fused_sparse_decode: weights must be CPU tensors of one supported dtype ({dtype})")
+    pdtype = torch.float32 if dtype == torch.int8 else dtype
+    if any(w.dtype != dtype or w.device.type != "cpu" for w in (w_gate, w_up, w_down_t)) or dtype not in _supported \
+            or any(w.dtype != pdtype or w.device.type != "cpu" for w in pred):
+        raise ValueError(f"fused_sparse_decode: weights must be CPU tensors of one supported dtype ({dtype}; "
+                         "int8 rows with a float32 predictor)")
+    if (dtype == torch.int8) != (row_scales is not None) or (row_scales is not None and not all(
+            t.dtype == torch.float32 and tuple(t.shape) == (d_ff,) and t.is_contiguous() for t in row_scales)):
+        raise ValueError("fused_sparse_decode: int8 rows need row_scales (3 contiguous float32 [d_ff]) and only they")
     rows_ok = all(_rows_ok(w, (d_ff, d)) for w in (w_gate, w_up, w_down_t))
     if shadow is not None:
         if gate_scale is not None:
@@ -261,19 +317,114 @@ def fused_sparse_decode(
         wg=w_gate.data_ptr(), wu=w_up.data_ptr(), wdt=w_down_t.data_ptr(),
         ldg=w_gate.stride(0), ldu=w_up.stride(0), ldd=w_down_t.stride(0),
         T=T, d=d, dff=d_ff, r=r, bank=bank_size, keep=keep, use_sigmoid=int(gate_scale is not None),
-        nthreads=n, alpha=0.0 if gate_scale is None else float(gate_scale), int_dots=int(shadow_dots() == "int16"),
+        nthreads=n, alpha=0.0 if gate_scale is None else float(gate_scale),
     )
+    if row_scales is not None:
+        args.scg, args.scu, args.scd = (t.data_ptr() for t in row_scales)
+        lin = _int8_path(lib, d)
+        args.lin_path = features.DOT_PATH_IDS[lin]
+        features.record("bank_sparse.int8_dots", lin if T == 1 else "float")
     if shadow is not None:
         args.qg, args.qu = shadow.gate_codes.data_ptr(), shadow.up_codes.data_ptr()
         args.sg, args.lg = shadow.gate_scale.data_ptr(), shadow.gate_lo.data_ptr()
         args.su, args.lu = shadow.up_scale.data_ptr(), shadow.up_lo.data_ptr()
         args.cb, args.G = shadow.container_bits, shadow.group_size
+        path = _resolved_dots()
+        args.dot_path = features.DOT_PATH_IDS[path]
+        features.record("bank_sparse.shadow_dots", path)
+        cs = shadow.channel_scale
+        if cs is not None:
+            if cs.dtype != torch.float32 or tuple(cs.shape) != (d_ff,) or not cs.is_contiguous():
+                raise ValueError("fused_sparse_decode: shadow.channel_scale must be contiguous float32 [d_ff]")
+            args.ws = cs.data_ptr()
     rc = fn(ctypes.byref(args))
     if adaptive and n_max > 1:
         _chooser.record(key, n, time.perf_counter() - t0)
     if rc != 0:
-        raise RuntimeError(f"upc_decode_{_SUFFIX[dtype]} returned {rc} (bad arguments or out of memory)")
+        raise RuntimeError(f"upc_decode_{_SUFFIX[dtype]} returned {rc} (bad arguments, out of memory, or a dot path "
+                           "this CPU lacks)")
+    features.record("bank_sparse.weights", _SUFFIX[dtype])
+    features.record("bank_sparse.threads", str(n))
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+# `use_kernels(int8_dots=...)` (or UPCYCLE_INT8_DOTS): the int8 weights' dots. auto (default): x in int16 per
+# group of 64 inputs and the best integer path this CPU has (rows whose length is not a multiple of 64: float);
+# float: every weight converted to float; or one path by name (A/B tests).
+INT8_DOTS = ("auto", *features.DOT_PATHS)
+_linear_paths: dict[tuple[str, int], str] = {}
+
+
+def int8_dots() -> str:
+    return switches.option("int8_dots", "UPCYCLE_INT8_DOTS", INT8_DOTS, "auto")
+
+
+def _int8_path(lib: ctypes.CDLL, K: int) -> str:
+    """The dots int8 rows of length K run under the active switch (cached); ValueError when unavailable."""
+    requested = int8_dots()
+    path = _linear_paths.get((requested, K))
+    if path is None:
+        rid = lib.upc_linear_dot_path(features.DOT_PATH_IDS[requested], K)
+        if rid < 0:
+            need = ", ".join(features.missing(requested)) or "a compiler that supports it"
+            raise ValueError(f"int8 dot path {requested!r} is not available here (needs {need})")
+        path = _linear_paths[(requested, K)] = _DOT_NAMES[rid]
+    return path
+
+
+# Multiply-adds from which an int8 linear call uses the helper pool (below: one thread).
+LINEAR_PARALLEL_MACS = 1 << 22
+
+# Rows per call the int8 linear kernel takes; more go through a dequantising matmul (`upcycle.quantization`).
+LINEAR_MAX_TOKENS = 16
+
+
+def int8_linear(x: Tensor, q: Tensor, scale: Tensor | None, bias: Tensor | None = None,
+                num_threads: int | None = None) -> Tensor:
+    """y [T, N] float32 = (x [T, K] @ q^T) * scale + bias for int8 rows q [N, K] (unit stride within a row) and
+    float32 scale / bias [N] (either may be None), on the fused kernel's helper pool. T <= LINEAR_MAX_TOKENS."""
+    lib = fused_library()
+    if lib is None:
+        raise RuntimeError(f"fused CPU kernel unavailable: {_lib_error}")
+    T, K = x.shape
+    N = q.shape[0]
+    if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != K or q.stride(1) != 1 or not 1 <= T <= 64:
+        raise ValueError("int8_linear: q must be int8 [N, K] rows with unit stride, x [T <= 64, K]")
+    for t in (scale, bias):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (N,) or not t.is_contiguous()):
+            raise ValueError("int8_linear: scale and bias must be contiguous float32 [N]")
+    xf = x.detach().to(torch.float32).contiguous()
+    y = torch.empty(T, N, dtype=torch.float32)
+    adaptive = num_threads is None and not os.environ.get("UPCYCLE_CPU_THREADS")
+    # the helper pool pays only on big calls (the LM head): a projection of a few hundred KB takes tens of us on
+    # one thread, about what waking a helper costs on a busy machine
+    n_max = num_threads or (_threads(T * K * N) if T * K * N >= LINEAR_PARALLEL_MACS else 1)
+    key = ("int8_linear", T, N, K)
+    n = _chooser.pick(key, n_max) if adaptive and n_max > 1 else n_max
+    t0 = time.perf_counter()
+    path = _int8_path(lib, K)
+    args = LinearArgs(x=xf.data_ptr(), y=y.data_ptr(), q=q.data_ptr(), s=_ptr(scale), b=_ptr(bias), ldq=q.stride(0),
+                      T=T, N=N, K=K, nthreads=n, dot_path=features.DOT_PATH_IDS[path])
+    rc = lib.upc_linear_i8(ctypes.byref(args))
+    if adaptive and n_max > 1:
+        _chooser.record(key, n, time.perf_counter() - t0)
+    if rc != 0:
+        raise RuntimeError(f"upc_linear_i8 returned {rc} (bad arguments or out of memory)")
+    features.record("int8_linear", path)
+    features.record("int8_linear.threads", str(n))
+    return y
+
+
+_resolved: dict[str, str] = {}
+
+
+def _resolved_dots() -> str:
+    """resolve_dot_path for the active switch, cached per requested value (one ctypes call per new value)."""
+    requested = shadow_dots()
+    got = _resolved.get(requested)
+    if got is None:
+        got = _resolved[requested] = resolve_dot_path(requested)
+    return got
 
 
 def torch_sparse_decode(

@@ -18,7 +18,11 @@
    win [r, d], wout [d_ff, r], bout [d_ff] or NULL in the weight type; or a shadow (qg != NULL):
    qg/qu [d_ff, d * cb / 8] packed codes, sg/lg/su/lu [d_ff, d / G] bf16 scale and minimum.
    wg / wu / wdt: d_ff rows of d weights with row strides ldg / ldu / ldd (wdt = W_down^T).
-   int_dots: score a shadow with int16 dot products where the CPU has them (else float dots). */
+   dot_path: how a shadow is scored (UPC_DOTS_*: 0 = the best integer path this CPU has, 1 = float dots);
+   lin_path: the same for int8 rows' gate/up dots (upc_decode_i8, one token, d % 64 == 0).
+   ws: float32 [d_ff] per-channel weights of a shadow's scores (a learned log-score bias, exp'd), or NULL.
+   scg / scu / scd: float32 [d_ff] per-row scales of int8 weights (upc_decode_i8: row c of wg / wu / wdt is
+   q * scale[c]); NULL for float weights. */
 typedef struct {
     const float *x;
     float *y;
@@ -27,8 +31,10 @@ typedef struct {
     const char *wg, *wu, *wdt;
     const uint8_t *qg, *qu;
     const uint16_t *sg, *lg, *su, *lu;
+    const float *ws;
+    const float *scg, *scu, *scd;
     long ldg, ldu, ldd;
-    int T, d, dff, r, bank, keep, use_sigmoid, nthreads, cb, G, int_dots;
+    int T, d, dff, r, bank, keep, use_sigmoid, nthreads, cb, G, dot_path, lin_path;
     float alpha;
 } upc_decode_args;
 
@@ -52,6 +58,20 @@ typedef _Float16 h16x8 __attribute__((vector_size(16), aligned(2)));
 static inline v8 ld_f16(const void *p) { return __builtin_convertvector(*(const h16x8 *)p, v8); }
 static inline float ld1_f16(const void *p, long i) { return (float)((const _Float16 *)p)[i]; }
 #endif
+
+typedef int8_t i8x8 __attribute__((vector_size(8), aligned(1)));
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* sign-extend 8 bytes to int32 lanes, then convert: GCC compiles the generic conversion below to scalar
+   byte loads and inserts (measured 2.5x slower) */
+static inline v8 ld_i8(const void *p) {
+    __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    v8 v; memcpy(&v, &f, sizeof v); return v;
+}
+#else
+static inline v8 ld_i8(const void *p) { return __builtin_convertvector(*(const i8x8 *)p, v8); }
+#endif
+static inline float ld1_i8(const void *p, long i) { return (float)((const int8_t *)p)[i]; }
 
 typedef uint8_t u8x8 __attribute__((vector_size(8), aligned(1)));
 static inline float bf16f(uint16_t h) { uint32_t w = (uint32_t)h << 16; float f; memcpy(&f, &w, 4); return f; }
@@ -80,6 +100,22 @@ typedef struct {
     const uint16_t *sg, *lg, *su, *lu;
     int cb, G;
     int16_t *xq;  /* x quantised per group to int16 for the integer shadow dots, or NULL (float dots) */
+    const float *ws;  /* per-channel weights of the shadow's scores, or NULL */
+    const void *qd;   /* the integer dot function of the chosen path (a qdot16_fn), with xq */
+    const float *scg, *scu, *scd;  /* per-row scales of int8 weights, or NULL */
+    /* the int8 linear (upc_linear_i8): rows q (stride ldq), scales, bias, output [T, ln] */
+    const int8_t *lq;
+    const float *ls, *lb;
+    float *ly;
+    long ldq;
+    int ln;
+    /* int8 rows' integer dots (lin4, with x in int16 per group of LIN_G): the function, x codes, x scales */
+    const void *l4;
+    const int16_t *lxq;
+    const float *lsx;
+    /* (set after the positional initialiser in upc_decode: keep new fields last) */
+    long xstride;     /* int16 units per token in xq (d; d + 32 for the split-int8 bytes) */
+    int xsplit;       /* xq holds split-int8 x (hi, lo bytes) instead of int16 */
 } args_t;
 
 /* One row of a shadow: x . (codes * scale + lo) over d inputs. Codes are packed per group of G
@@ -123,41 +159,84 @@ static inline float qdot(const uint8_t *P, const float *restrict x, const float 
     return cb == 2 ? qdot2(P, x, xs, sc, lo, d, G) : cb == 4 ? qdot4(P, x, xs, sc, lo, d, G)
                                                              : qdot8(P, x, xs, sc, lo, d, G);
 }
-#if defined(__AVX2__)
-#include <immintrin.h>
-#define SHADOW_INT16 1
 /* The same dots in integers, gate and up rows of one channel in one pass sharing the x loads: x
    quantised per group to int16 (scale sx = max|x| / 32767: rounding errors ~1e-5 of the group's
-   largest |x|), codes widened from bytes to int16 lanes, _mm256_madd_epi16 doing 16 multiply-adds
-   per instruction with no int-to-float conversion per weight: 1.4-1.5x faster FFN decode than the
-   float dots (bench/decode.py --shadow-float-dots). On SmolLM2 int16 x keeps 99.99% of the float
-   scores' channels and its held-out ppl lies at the edge of the spread that rounding-level noise
-   alone gives (1.011x vs 0.995-1.008x); int8 x (maddubs, twice the rate again) keeps 98.6% and costs
-   1.024x on WikiText-2, so it was rejected (bench/results/shadow_xquant.md).
-   Exact int32 sums for groups of up to 2048 inputs (8-bit codes: 2 * 255 * 32767 per lane and step). */
+   largest |x|), codes widened from bytes to int16 lanes and multiplied-and-added 16 or 32 at a time
+   into exact int32 sums, with no int-to-float conversion per weight. On SmolLM2 int16 x keeps 99.99%
+   of the float scores' channels and its held-out ppl lies at the edge of the spread that rounding-level
+   noise alone gives (1.011x vs 0.995-1.008x); int8 x (maddubs, twice the rate again) keeps 98.6% and
+   costs 1.024x on WikiText-2, so it was rejected (bench/results/shadow_xquant.md).
+   Exact int32 sums for groups of up to 2048 inputs (8-bit codes: 2 * 255 * 32767 per lane and step).
+   One copy per instruction set, each compiled for its own target and chosen per call (dot_path):
+     avx2        _mm256_madd_epi16 + _mm256_add_epi32 (16 multiply-adds per 2 instructions)
+     avxvnni     _mm256_dpwssd_avx_epi32 (AVX-VNNI: multiply, add and accumulate in one instruction)
+     avx512vnni  _mm512_dpwssd_epi32 on 32 codes at a time, then the 256/128-bit EVEX forms
+   The integer sums are exact in every path; only the float combination of the groups differs. */
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11))
+#include <immintrin.h>
+#define SHADOW_INT16 1
+#if defined(__clang__) && __clang_major__ < 12
+#define UPC_NO_AVXVNNI 1 /* clang before 12 has no avxvnni target */
+#endif
 typedef int16_t i16x16 __attribute__((vector_size(32)));
 typedef int16_t i16x8 __attribute__((vector_size(16)));
-#define QDOT16(CB)                                                                                       \
-static void qdot16_##CB(const uint8_t *Pg, const uint8_t *Pu, const int16_t *xq, const float *sx,        \
+typedef void (*qdot16_fn)(const uint8_t *, const uint8_t *, const int16_t *, const float *, const float *,
+                          const uint16_t *, const uint16_t *, const uint16_t *, const uint16_t *, int, int,
+                          float *, float *);
+#define ACC256_AVX2(acc, a, b) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#define ACC128_AVX2(acc, a, b) acc = _mm_add_epi32(acc, _mm_madd_epi16(a, b))
+#define ACC256_AVXVNNI(acc, a, b) acc = _mm256_dpwssd_avx_epi32(acc, a, b)
+#define ACC128_AVXVNNI(acc, a, b) acc = _mm_dpwssd_avx_epi32(acc, a, b)
+#define ACC256_AVX512VNNI(acc, a, b) acc = _mm256_dpwssd_epi32(acc, a, b)
+#define ACC128_AVX512VNNI(acc, a, b) acc = _mm_dpwssd_epi32(acc, a, b)
+#define WIDE_NONE(CB)
+/* 32 code bytes at a time in 512-bit lanes, folded into the 256-bit sums at the end of the group */
+#define WIDE_512(CB)                                                                                     \
+    {                                                                                                    \
+        __m512i ag8[PPB], au8[PPB];                                                                      \
+        for (int p = 0; p < PPB; p++) ag8[p] = au8[p] = _mm512_setzero_si512();                          \
+        const __m512i m8 = _mm512_set1_epi16(M);                                                         \
+        for (; k + 32 <= gb; k += 32) {                                                                  \
+            __m512i bg = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(pg + k)));            \
+            __m512i bu = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(pu + k)));            \
+            for (int p = 0; p < PPB; p++) {                                                              \
+                __m512i xv = _mm512_loadu_si512((const void *)(xg + p * gb + k));                        \
+                ag8[p] = _mm512_dpwssd_epi32(ag8[p], _mm512_and_si512(_mm512_srli_epi16(bg, CB * p), m8), xv); \
+                au8[p] = _mm512_dpwssd_epi32(au8[p], _mm512_and_si512(_mm512_srli_epi16(bu, CB * p), m8), xv); \
+            }                                                                                            \
+        }                                                                                                \
+        for (int p = 1; p < PPB; p++) { ag8[0] = _mm512_add_epi32(ag8[0], ag8[p]); au8[0] = _mm512_add_epi32(au8[0], au8[p]); } \
+        ag[0] = _mm256_add_epi32(_mm512_castsi512_si256(ag8[0]), _mm512_extracti64x4_epi64(ag8[0], 1));  \
+        au[0] = _mm256_add_epi32(_mm512_castsi512_si256(au8[0]), _mm512_extracti64x4_epi64(au8[0], 1));  \
+    }
+#define QDOT16(NAME, TGT, CB, ACC256, ACC128, WIDE)                                                      \
+__attribute__((target(TGT)))                                                                             \
+static void NAME##_##CB(const uint8_t *Pg, const uint8_t *Pu, const int16_t *xq, const float *sx,       \
                         const float *xs, const uint16_t *sg, const uint16_t *lg, const uint16_t *su,      \
                         const uint16_t *lu, int d, int G, float *out_g, float *out_u) {                  \
     enum { PPB = 8 / CB, M = (1 << CB) - 1 };                                                             \
     const int gb = G / PPB, ng = d / G;                                                                  \
-    v8 fg = splat(0.f), fu = splat(0.f);                                                                 \
+    __m256 fg = _mm256_setzero_ps(), fu = _mm256_setzero_ps();                                           \
     float rg = 0.f, ru = 0.f;                                                                            \
     for (int g = 0; g < ng; g++) {                                                                       \
         const uint8_t *pg = Pg + (size_t)g * gb, *pu = Pu + (size_t)g * gb;                              \
         const int16_t *xg = xq + (size_t)g * G;                                                          \
-        __m256i ag = _mm256_setzero_si256(), au = _mm256_setzero_si256();                                \
-        __m128i ag4 = _mm_setzero_si128(), au4 = _mm_setzero_si128();                                    \
+        /* one accumulator per plane: independent chains (a multiply-accumulate has a latency of ~5) */   \
+        __m256i ag[PPB], au[PPB];                                                                        \
+        __m128i ag4[PPB], au4[PPB];                                                                      \
+        for (int p = 0; p < PPB; p++) {                                                                  \
+            ag[p] = au[p] = _mm256_setzero_si256();                                                      \
+            ag4[p] = au4[p] = _mm_setzero_si128();                                                       \
+        }                                                                                                \
         int k = 0;                                                                                       \
+        WIDE(CB)                                                                                         \
         for (; k + 16 <= gb; k += 16) {                                                                  \
             i16x16 bg = (i16x16)_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(pg + k)));       \
             i16x16 bu = (i16x16)_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(pu + k)));       \
             for (int p = 0; p < PPB; p++) {                                                              \
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xg + p * gb + k));                     \
-                ag = _mm256_add_epi32(ag, _mm256_madd_epi16((__m256i)((bg >> (CB * p)) & M), xv));      \
-                au = _mm256_add_epi32(au, _mm256_madd_epi16((__m256i)((bu >> (CB * p)) & M), xv));      \
+                ACC256(ag[p], (__m256i)((bg >> (CB * p)) & M), xv);                                      \
+                ACC256(au[p], (__m256i)((bu >> (CB * p)) & M), xv);                                      \
             }                                                                                            \
         }                                                                                                \
         for (; k + 8 <= gb; k += 8) {                                                                    \
@@ -165,8 +244,8 @@ static void qdot16_##CB(const uint8_t *Pg, const uint8_t *Pu, const int16_t *xq,
             i16x8 bu = (i16x8)_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(pu + k)));            \
             for (int p = 0; p < PPB; p++) {                                                              \
                 __m128i xv = _mm_loadu_si128((const __m128i *)(xg + p * gb + k));                        \
-                ag4 = _mm_add_epi32(ag4, _mm_madd_epi16((__m128i)((bg >> (CB * p)) & M), xv));          \
-                au4 = _mm_add_epi32(au4, _mm_madd_epi16((__m128i)((bu >> (CB * p)) & M), xv));          \
+                ACC128(ag4[p], (__m128i)((bg >> (CB * p)) & M), xv);                                     \
+                ACC128(au4[p], (__m128i)((bu >> (CB * p)) & M), xv);                                     \
             }                                                                                            \
         }                                                                                                \
         /* 1-7 bytes left: zero-padded codes times the next 8 x (xq has 8 spare at its end). Kept apart from \
@@ -178,29 +257,250 @@ static void qdot16_##CB(const uint8_t *Pg, const uint8_t *Pu, const int16_t *xq,
             i16x8 bu = (i16x8)_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)tu));                       \
             for (int p = 0; p < PPB; p++) {                                                              \
                 __m128i xv = _mm_loadu_si128((const __m128i *)(xg + p * gb + k));                        \
-                ag4 = _mm_add_epi32(ag4, _mm_madd_epi16((__m128i)((bg >> (CB * p)) & M), xv));          \
-                au4 = _mm_add_epi32(au4, _mm_madd_epi16((__m128i)((bu >> (CB * p)) & M), xv));          \
+                ACC128(ag4[p], (__m128i)((bg >> (CB * p)) & M), xv);                                     \
+                ACC128(au4[p], (__m128i)((bu >> (CB * p)) & M), xv);                                     \
             }                                                                                            \
         }                                                                                                \
-        ag = _mm256_add_epi32(ag, _mm256_inserti128_si256(_mm256_setzero_si256(), ag4, 0));              \
-        au = _mm256_add_epi32(au, _mm256_inserti128_si256(_mm256_setzero_si256(), au4, 0));              \
+        for (int p = 1; p < PPB; p++) {                                                                  \
+            ag[0] = _mm256_add_epi32(ag[0], ag[p]); au[0] = _mm256_add_epi32(au[0], au[p]);              \
+            ag4[0] = _mm_add_epi32(ag4[0], ag4[p]); au4[0] = _mm_add_epi32(au4[0], au4[p]);              \
+        }                                                                                                \
+        __m256i sg8 = _mm256_add_epi32(ag[0], _mm256_inserti128_si256(_mm256_setzero_si256(), ag4[0], 0)); \
+        __m256i su8 = _mm256_add_epi32(au[0], _mm256_inserti128_si256(_mm256_setzero_si256(), au4[0], 0)); \
         float wg = bf16f(sg[g]) * sx[g], wu = bf16f(su[g]) * sx[g];                                      \
-        v8 cg, cu; __m256 t0 = _mm256_cvtepi32_ps(ag), t1 = _mm256_cvtepi32_ps(au);                      \
-        memcpy(&cg, &t0, sizeof cg); memcpy(&cu, &t1, sizeof cu);                                        \
-        fg += cg * splat(wg);                                                                            \
-        fu += cu * splat(wu);                                                                            \
+        fg = _mm256_add_ps(fg, _mm256_mul_ps(_mm256_cvtepi32_ps(sg8), _mm256_set1_ps(wg)));              \
+        fu = _mm256_add_ps(fu, _mm256_mul_ps(_mm256_cvtepi32_ps(su8), _mm256_set1_ps(wu)));              \
         rg += bf16f(lg[g]) * xs[g];                                                                      \
         ru += bf16f(lu[g]) * xs[g];                                                                      \
     }                                                                                                    \
-    *out_g = hsum(fg) + rg;                                                                              \
-    *out_u = hsum(fu) + ru;                                                                              \
+    v8 vg, vu;                                                                                           \
+    memcpy(&vg, &fg, sizeof vg); memcpy(&vu, &fu, sizeof vu);                                            \
+    *out_g = hsum(vg) + rg;                                                                              \
+    *out_u = hsum(vu) + ru;                                                                              \
 }
-QDOT16(2)
-QDOT16(4)
-QDOT16(8)
+#define QDOT16_ALL(NAME, TGT, ACC256, ACC128, WIDE)                                                      \
+    QDOT16(NAME, TGT, 2, ACC256, ACC128, WIDE)                                                           \
+    QDOT16(NAME, TGT, 4, ACC256, ACC128, WIDE)                                                           \
+    QDOT16(NAME, TGT, 8, ACC256, ACC128, WIDE)
+QDOT16_ALL(qdot16_avx2, "avx2", ACC256_AVX2, ACC128_AVX2, WIDE_NONE)
+#ifndef UPC_NO_AVXVNNI
+QDOT16_ALL(qdot16_avxvnni, "avx2,avxvnni", ACC256_AVXVNNI, ACC128_AVXVNNI, WIDE_NONE)
+#endif
+QDOT16_ALL(qdot16_avx512vnni, "avx2,avx512f,avx512bw,avx512vl,avx512vnni", ACC256_AVX512VNNI, ACC128_AVX512VNNI,
+           WIDE_512)
+
+/* Split-int8 dots (vpdpbusd: 4 unsigned bytes x 4 signed bytes into each int32 lane): x quantised per group to
+   15 bits, x = sx * (128 * hi + lo) with hi in [-128, 127] and lo in [0, 127], both int8, so the codes never
+   need widening: a plane is masked in place (its codes scaled by 2^(CB p), at most 192 / 240 / 255, still
+   unsigned bytes), multiplied-and-added with hi and with lo, 32 codes per instruction, and the scale 2^-(CB p)
+   taken off the exact int32 sums (they are multiples of it) at the end of the group. Half the instructions
+   of the int16 paths per code. `xq` points at the token's hi bytes, d + 32 of them, then its lo bytes. */
+#define DPBUSD_AVXVNNI(acc, a, b) acc = _mm256_dpbusd_avx_epi32(acc, a, b)
+#define DPBUSD_AVX512VNNI(acc, a, b) acc = _mm256_dpbusd_epi32(acc, a, b)
+#define QDOT8S(NAME, TGT, CB, DPB)                                                                       \
+__attribute__((target(TGT)))                                                                             \
+static void NAME##_##CB(const uint8_t *Pg, const uint8_t *Pu, const int16_t *xq16, const float *sx,     \
+                        const float *xs, const uint16_t *sg, const uint16_t *lg, const uint16_t *su,      \
+                        const uint16_t *lu, int d, int G, float *out_g, float *out_u) {                  \
+    enum { PPB = 8 / CB, M = (1 << CB) - 1 };                                                             \
+    const int gb = G / PPB, ng = d / G;                                                                  \
+    const int8_t *xh = (const int8_t *)xq16, *xl = xh + d + 32;                                          \
+    __m256 fg = _mm256_setzero_ps(), fu = _mm256_setzero_ps();                                           \
+    float rg = 0.f, ru = 0.f;                                                                            \
+    for (int g = 0; g < ng; g++) {                                                                       \
+        const uint8_t *pg = Pg + (size_t)g * gb, *pu = Pu + (size_t)g * gb;                              \
+        const int8_t *hg = xh + (size_t)g * G, *lo_ = xl + (size_t)g * G;                                \
+        __m256i agh[PPB], agl[PPB], auh[PPB], aul[PPB];                                                  \
+        for (int p = 0; p < PPB; p++) agh[p] = agl[p] = auh[p] = aul[p] = _mm256_setzero_si256();        \
+        for (int k = 0; k < gb; k += 32) {                                                               \
+            __m256i bg, bu;                                                                              \
+            if (k + 32 <= gb) {                                                                          \
+                bg = _mm256_loadu_si256((const __m256i *)(pg + k));                                      \
+                bu = _mm256_loadu_si256((const __m256i *)(pu + k));                                      \
+            } else { /* the group's last < 32 codes, zero-padded: the x bytes past them count 0 times */ \
+                uint8_t tg[32] = {0}, tu[32] = {0};                                                      \
+                memcpy(tg, pg + k, (size_t)(gb - k)); memcpy(tu, pu + k, (size_t)(gb - k));              \
+                bg = _mm256_loadu_si256((const __m256i *)tg);                                            \
+                bu = _mm256_loadu_si256((const __m256i *)tu);                                            \
+            }                                                                                            \
+            for (int p = 0; p < PPB; p++) {                                                              \
+                const __m256i m = _mm256_set1_epi8((char)(M << (CB * p)));                               \
+                __m256i vh = _mm256_loadu_si256((const __m256i *)(hg + p * gb + k));                     \
+                __m256i vl = _mm256_loadu_si256((const __m256i *)(lo_ + p * gb + k));                    \
+                __m256i cg = _mm256_and_si256(bg, m), cu = _mm256_and_si256(bu, m);                      \
+                DPB(agh[p], cg, vh); DPB(agl[p], cg, vl);                                                \
+                DPB(auh[p], cu, vh); DPB(aul[p], cu, vl);                                                \
+            }                                                                                            \
+        }                                                                                                \
+        __m256i tg8 = _mm256_setzero_si256(), tu8 = _mm256_setzero_si256();                              \
+        for (int p = 0; p < PPB; p++) {                                                                  \
+            __m256i sgp = _mm256_add_epi32(_mm256_slli_epi32(agh[p], 7), agl[p]);                         \
+            __m256i sup = _mm256_add_epi32(_mm256_slli_epi32(auh[p], 7), aul[p]);                         \
+            tg8 = _mm256_add_epi32(tg8, _mm256_srai_epi32(sgp, CB * p));                                 \
+            tu8 = _mm256_add_epi32(tu8, _mm256_srai_epi32(sup, CB * p));                                 \
+        }                                                                                                \
+        float wg = bf16f(sg[g]) * sx[g], wu = bf16f(su[g]) * sx[g];                                      \
+        fg = _mm256_add_ps(fg, _mm256_mul_ps(_mm256_cvtepi32_ps(tg8), _mm256_set1_ps(wg)));              \
+        fu = _mm256_add_ps(fu, _mm256_mul_ps(_mm256_cvtepi32_ps(tu8), _mm256_set1_ps(wu)));              \
+        rg += bf16f(lg[g]) * xs[g];                                                                      \
+        ru += bf16f(lu[g]) * xs[g];                                                                      \
+    }                                                                                                    \
+    v8 vg, vu;                                                                                           \
+    memcpy(&vg, &fg, sizeof vg); memcpy(&vu, &fu, sizeof vu);                                            \
+    *out_g = hsum(vg) + rg;                                                                              \
+    *out_u = hsum(vu) + ru;                                                                              \
+}
+#define QDOT8S_ALL(NAME, TGT, DPB) QDOT8S(NAME, TGT, 2, DPB) QDOT8S(NAME, TGT, 4, DPB) QDOT8S(NAME, TGT, 8, DPB)
+#ifndef UPC_NO_AVXVNNI
+QDOT8S_ALL(qdot8s_avxvnni, "avx2,avxvnni", DPBUSD_AVXVNNI)
+#endif
+QDOT8S_ALL(qdot8s_avx512vnni, "avx2,avx512f,avx512bw,avx512vl,avx512vnni", DPBUSD_AVX512VNNI)
 #endif
 
-/* Channel c's shadow gate and up rows dotted with token t's x (one pass: the int16 path shares x). */
+/* Shadow dot paths (upc_decode_args.dot_path): 0 = the best this CPU supports. */
+enum { UPC_DOTS_AUTO = 0, UPC_DOTS_FLOAT = 1, UPC_DOTS_AVX2 = 2, UPC_DOTS_AVXVNNI = 3, UPC_DOTS_AVX512VNNI = 4,
+       UPC_DOTS_AVXVNNI8 = 5, UPC_DOTS_AVX512VNNI8 = 6 };  /* ...8: the split-int8 forms (shadow only) */
+
+/* Bit p set: path p is compiled in and this CPU runs it. */
+int upc_dot_paths(void) {
+    int m = 1 << UPC_DOTS_FLOAT;
+#ifdef SHADOW_INT16
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) m |= 1 << UPC_DOTS_AVX2;
+#ifndef UPC_NO_AVXVNNI
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni"))
+        m |= 1 << UPC_DOTS_AVXVNNI | 1 << UPC_DOTS_AVXVNNI8;
+#endif
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        m |= 1 << UPC_DOTS_AVX512VNNI | 1 << UPC_DOTS_AVX512VNNI8;
+#endif
+    return m;
+}
+
+/* Preference orders of `auto`, measured (thread CPU time, one token, Intel Xeon with AVX-512 and AVX-VNNI):
+   the shadow's dots are bound by unpacking the codes, where 512-bit lanes cost more than they save
+   (avxvnni 0.37 ms ~ avx2 0.38 < avx512vnni 0.39-0.45 ms per Qwen2.5-0.5B-wide FFN of 1536 channels); the
+   int8 linear's rows are plain bytes, where they pay (LM head 49152 x 576: 3.6 / 4.1 / 4.4 ms). */
+static const int SHADOW_ORDER[] = {UPC_DOTS_AVXVNNI, UPC_DOTS_AVX2, UPC_DOTS_AVX512VNNI, 0};
+static const int LINEAR_ORDER[] = {UPC_DOTS_AVX512VNNI, UPC_DOTS_AVXVNNI, UPC_DOTS_AVX2, 0};
+
+static int resolve(int requested, const int *order) {
+    int m = upc_dot_paths();
+    if (requested == UPC_DOTS_AUTO) {
+        for (int i = 0; order[i]; i++) if (m >> order[i] & 1) return order[i];
+        return UPC_DOTS_FLOAT;
+    }
+    return requested > 0 && requested < 31 && (m >> requested & 1) ? requested : -1;
+}
+
+/* The shadow dot path a call asking for `requested` runs: auto -> the preferred available one; an
+   unavailable one -> -1. */
+int upc_resolve_dot_path(int requested) { return resolve(requested, SHADOW_ORDER); }
+
+#ifdef SHADOW_INT16
+static qdot16_fn pick_qdot16(int path, int cb) {
+    switch (path) {
+    case UPC_DOTS_AVX2: return cb == 2 ? qdot16_avx2_2 : cb == 4 ? qdot16_avx2_4 : qdot16_avx2_8;
+#ifndef UPC_NO_AVXVNNI
+    case UPC_DOTS_AVXVNNI: return cb == 2 ? qdot16_avxvnni_2 : cb == 4 ? qdot16_avxvnni_4 : qdot16_avxvnni_8;
+#endif
+    case UPC_DOTS_AVX512VNNI:
+        return cb == 2 ? qdot16_avx512vnni_2 : cb == 4 ? qdot16_avx512vnni_4 : qdot16_avx512vnni_8;
+#ifndef UPC_NO_AVXVNNI
+    case UPC_DOTS_AVXVNNI8: return cb == 2 ? qdot8s_avxvnni_2 : cb == 4 ? qdot8s_avxvnni_4 : qdot8s_avxvnni_8;
+#endif
+    case UPC_DOTS_AVX512VNNI8:
+        return cb == 2 ? qdot8s_avx512vnni_2 : cb == 4 ? qdot8s_avx512vnni_4 : qdot8s_avx512vnni_8;
+    default: return NULL;
+    }
+}
+#endif
+
+/* Dots of int8 weight rows with x quantised per group of LIN_G inputs to int16 (x ~= xq * sx[g], as for the
+   shadow: rounding errors ~1e-5 of the group's largest |x|, far below the int8 weights' own), four rows at a
+   time sharing the x loads: the bytes are widened to int16 and multiplied-and-added into exact int32 sums per
+   group, then scaled in float. Versus converting every weight to float (2 uops more per 8 weights) this takes
+   the int8 linear from compute-bound to memory-bound. Rows need K % LIN_G == 0; others use the float dots. */
+#define LIN_G 64
+typedef void (*lin4_fn)(const int8_t *const rw[4], const int16_t *xq, const float *sx, int K, float out[4]);
+#ifdef SHADOW_INT16
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vnni")))
+static void lin4_avx512vnni(const int8_t *const rw[4], const int16_t *xq, const float *sx, int K, float out[4]) {
+    __m512 f[4];
+    for (int j = 0; j < 4; j++) f[j] = _mm512_setzero_ps();
+    for (int g = 0; g < K / LIN_G; g++) {
+        const int16_t *xg = xq + (size_t)g * LIN_G;
+        __m512i x0 = _mm512_loadu_si512((const void *)xg), x1 = _mm512_loadu_si512((const void *)(xg + 32));
+        __m512 s = _mm512_set1_ps(sx[g]);
+        for (int j = 0; j < 4; j++) {
+            const int8_t *w = rw[j] + (size_t)g * LIN_G;
+            __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
+                                            _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w)), x0);
+            __m512i b = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
+                                            _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + 32))), x1);
+            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, b)), s, f[j]);
+        }
+    }
+    for (int j = 0; j < 4; j++) out[j] = _mm512_reduce_add_ps(f[j]);
+}
+#define LIN4_256(NAME, TGT, ACC)                                                                         \
+__attribute__((target(TGT)))                                                                             \
+static void NAME(const int8_t *const rw[4], const int16_t *xq, const float *sx, int K, float out[4]) {  \
+    __m256 f[4];                                                                                         \
+    for (int j = 0; j < 4; j++) f[j] = _mm256_setzero_ps();                                              \
+    for (int g = 0; g < K / LIN_G; g++) {                                                                \
+        const int16_t *xg = xq + (size_t)g * LIN_G;                                                      \
+        __m256i xv[4];                                                                                   \
+        for (int c = 0; c < 4; c++) xv[c] = _mm256_loadu_si256((const __m256i *)(xg + 16 * c));         \
+        __m256 s = _mm256_set1_ps(sx[g]);                                                                \
+        for (int j = 0; j < 4; j++) {                                                                    \
+            const int8_t *w = rw[j] + (size_t)g * LIN_G;                                                 \
+            __m256i a[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};                             \
+            for (int c = 0; c < 4; c++)                                                                  \
+                ACC(a[c & 1], _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * c))), xv[c]); \
+            f[j] = _mm256_add_ps(f[j], _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a[0], a[1])), s)); \
+        }                                                                                                \
+    }                                                                                                    \
+    for (int j = 0; j < 4; j++) { v8 v; memcpy(&v, &f[j], sizeof v); out[j] = hsum(v); }                 \
+}
+LIN4_256(lin4_avx2, "avx2", ACC256_AVX2)
+#ifndef UPC_NO_AVXVNNI
+LIN4_256(lin4_avxvnni, "avx2,avxvnni", ACC256_AVXVNNI)
+#endif
+#endif
+
+static lin4_fn pick_lin4(int path) {
+#ifdef SHADOW_INT16
+    switch (path) {
+    case UPC_DOTS_AVX2: return lin4_avx2;
+#ifndef UPC_NO_AVXVNNI
+    case UPC_DOTS_AVXVNNI: return lin4_avxvnni;
+#endif
+    case UPC_DOTS_AVX512VNNI: return lin4_avx512vnni;
+    default: return NULL;
+    }
+#else
+    (void)path;
+    return NULL;
+#endif
+}
+
+/* x [T, K] -> int16 codes xq [T, K] and per-group scales sx [T, K / LIN_G] (K % LIN_G == 0) */
+static void quantize_x_groups(const float *x, int T, int K, int16_t *xq, float *sx) {
+    for (int t = 0; t < T; t++)
+        for (int g = 0; g < K / LIN_G; g++) {
+            const float *xg = x + (size_t)t * K + (size_t)g * LIN_G;
+            float amax = 0.f;
+            for (int i = 0; i < LIN_G; i++) amax = fmaxf(amax, fabsf(xg[i]));
+            float inv = amax > 0.f ? 32767.f / amax : 0.f;
+            int16_t *q = xq + (size_t)t * K + (size_t)g * LIN_G;
+            for (int i = 0; i < LIN_G; i++) q[i] = (int16_t)lrintf(xg[i] * inv);
+            sx[(size_t)t * (K / LIN_G) + g] = amax / 32767.f;
+        }
+}
+
+/* Channel c's shadow gate and up rows dotted with token t's x (one pass: the int16 paths share x). */
 static inline void shadow_dots(const args_t *A, long c, int t, float *g, float *u) {
     const int ng = A->d / A->G;
     const long rb = A->d / (8 / A->cb);
@@ -209,10 +509,9 @@ static inline void shadow_dots(const args_t *A, long c, int t, float *g, float *
     const float *xs = A->a + (size_t)t * ng;
 #ifdef SHADOW_INT16
     if (A->xq) {
-        const int16_t *xq = A->xq + (size_t)t * A->d;
+        const int16_t *xq = A->xq + (size_t)t * A->xstride;
         const float *sx = A->a + (size_t)(A->T + t) * ng;
-        (A->cb == 2 ? qdot16_2 : A->cb == 4 ? qdot16_4 : qdot16_8)(qg, qu, xq, sx, xs, sg, lg, su, lu, A->d, A->G,
-                                                                   g, u);
+        ((qdot16_fn)A->qd)(qg, qu, xq, sx, xs, sg, lg, su, lu, A->d, A->G, g, u);
         return;
     }
 #endif
@@ -241,6 +540,7 @@ static struct {
     int n_helpers;
     atomic_long seq;
     atomic_int next, active, closed, ready, sleepers;
+    atomic_int gen;  /* bumped with seq: the 32-bit word sleeping helpers wait on (futex) */
     int n_items, n_chunks;
     atomic_int max_slot;
     bank_fn fn;
@@ -252,11 +552,42 @@ static struct {
 static void run_chunks(int slot) {
     int c;
     while ((c = atomic_fetch_add(&P.next, 1)) < P.n_chunks) {
-        memset(P.part[c], 0, P.part_len * sizeof(float));
+        if (P.part_len) memset(P.part[c], 0, P.part_len * sizeof(float));  /* 0: direct (rows of y) */
         int b1 = (int)((long)(c + 1) * P.n_items / P.n_chunks);
         for (int b = (int)((long)c * P.n_items / P.n_chunks); b < b1; b++) P.fn(P.args, b, P.part[c], P.scr[slot]);
     }
 }
+
+/* Sleeping and waking helpers. On Linux a futex on P.gen: no mutex, so a caller never blocks behind a helper
+   that was descheduled while holding one (with a mutex and condition variable, measured on a loaded 2-core
+   machine, calls that woke helpers took milliseconds). Ordering (all seq_cst): a helper counts itself in
+   `sleepers`, then reads gen, then re-checks seq before it waits on gen; a caller bumps seq and gen, then reads
+   `sleepers`: either the caller sees the sleeper and wakes it, or the helper sees the new seq (or gen) and
+   does not sleep. Elsewhere the mutex and condition variable. */
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <limits.h>
+static void helper_sleep(long seen) {
+    atomic_fetch_add(&P.sleepers, 1);
+    for (;;) {
+        int g = atomic_load(&P.gen);
+        if (atomic_load(&P.seq) != seen) break;
+        syscall(SYS_futex, (int *)&P.gen, FUTEX_WAIT_PRIVATE, g, NULL, NULL, 0);
+    }
+    atomic_fetch_sub(&P.sleepers, 1);
+}
+static void wake_helpers(void) { syscall(SYS_futex, (int *)&P.gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0); }
+#else
+static void helper_sleep(long seen) {
+    pthread_mutex_lock(&P.mu);
+    atomic_fetch_add(&P.sleepers, 1);
+    while (atomic_load(&P.seq) == seen) pthread_cond_wait(&P.cv, &P.mu);
+    atomic_fetch_sub(&P.sleepers, 1);
+    pthread_mutex_unlock(&P.mu);
+}
+static void wake_helpers(void) { pthread_mutex_lock(&P.mu); pthread_cond_broadcast(&P.cv); pthread_mutex_unlock(&P.mu); }
+#endif
 
 static void *helper_main(void *arg) {
     int slot = (int)(intptr_t)arg;
@@ -265,11 +596,8 @@ static void *helper_main(void *arg) {
         long s = atomic_load(&P.seq);
         for (int i = 0; s == seen && i < UPC_SPIN; i++) { cpu_relax(); s = atomic_load(&P.seq); }
         if (s == seen) {
-            pthread_mutex_lock(&P.mu);
-            atomic_fetch_add(&P.sleepers, 1);
-            while ((s = atomic_load(&P.seq)) == seen) pthread_cond_wait(&P.cv, &P.mu);
-            atomic_fetch_sub(&P.sleepers, 1);
-            pthread_mutex_unlock(&P.mu);
+            helper_sleep(seen);
+            s = atomic_load(&P.seq);
         }
         seen = s;
         atomic_fetch_add(&P.active, 1);  /* from here the caller waits for us: keep it short */
@@ -295,8 +623,10 @@ static void wait_idle(void) {
 }
 
 /* Runs fn over the nb banks on the caller plus up to nthreads-1 helpers; prologue(A) (the
-   predictor's in-projection) runs on the caller while helpers wake up. y = sum of partials. */
-static int run_job(bank_fn fn, void (*prologue)(args_t *), args_t *A, size_t scratch, float *y, int nthreads) {
+   predictor's in-projection) runs on the caller while helpers wake up. y = sum of partials; `direct`:
+   each item writes its own rows of the output itself (no partials, y unused). */
+static int run_job(bank_fn fn, void (*prologue)(args_t *), args_t *A, size_t scratch, float *y, int nthreads,
+                   int direct) {
     pthread_mutex_lock(&P.call_lock);
     if (P.pid != getpid()) {  /* first call, or a forked child: its helpers did not survive the fork */
         pthread_mutex_init(&P.mu, NULL); pthread_cond_init(&P.cv, NULL);
@@ -316,10 +646,10 @@ static int run_job(bank_fn fn, void (*prologue)(args_t *), args_t *A, size_t scr
     }
     if (nthreads > P.n_helpers + 1) nthreads = P.n_helpers + 1;
     wait_idle();  /* a late helper of the previous call may still be leaving */
-    size_t part_len = (size_t)A->T * A->d;
+    size_t part_len = direct ? 0 : (size_t)A->T * A->d;
     int n_chunks = A->nb < N_CHUNKS ? A->nb : N_CHUNKS;
     for (int s = 0; s < nthreads || s < n_chunks; s++) {
-        if ((s < n_chunks && grow(&P.part[s], &P.part_cap[s], part_len))
+        if ((s < n_chunks && !direct && grow(&P.part[s], &P.part_cap[s], part_len))
             || (s < nthreads && grow(&P.scr[s], &P.scr_cap[s], scratch))) {
             pthread_mutex_unlock(&P.call_lock);
             return 2;
@@ -330,9 +660,8 @@ static int run_job(bank_fn fn, void (*prologue)(args_t *), args_t *A, size_t scr
     atomic_store(&P.next, 0); atomic_store(&P.ready, 0); atomic_store(&P.closed, 0);
     if (nthreads > 1) {
         atomic_fetch_add(&P.seq, 1);
-        if (atomic_load(&P.sleepers) > 0) {
-            pthread_mutex_lock(&P.mu); pthread_cond_broadcast(&P.cv); pthread_mutex_unlock(&P.mu);
-        }
+        atomic_fetch_add(&P.gen, 1);
+        if (atomic_load(&P.sleepers) > 0) wake_helpers();
     }
     prologue(A);
     atomic_store(&P.ready, 1);
@@ -356,32 +685,141 @@ static int run_job(bank_fn fn, void (*prologue)(args_t *), args_t *A, size_t scr
 #define LD ld_f32
 #define LD1 ld1_f32
 #define ESZ 4
+#define PDOT dot_f32
+#define PLD1 ld1_f32
+#define PESZ 4
 #include "bank_sparse_decode_body.h"
 #undef SUF
 #undef LD
 #undef LD1
 #undef ESZ
+#undef PDOT
+#undef PLD1
+#undef PESZ
 
 #define SUF bf16
 #define LD ld_bf16
 #define LD1 ld1_bf16
 #define ESZ 2
+#define PDOT dot_bf16
+#define PLD1 ld1_bf16
+#define PESZ 2
 #include "bank_sparse_decode_body.h"
 #undef SUF
 #undef LD
 #undef LD1
 #undef ESZ
+#undef PDOT
+#undef PLD1
+#undef PESZ
 
 #if defined(__FLT16_MAX__) /* float16 weights need a compiler with _Float16 */
 #define SUF f16
 #define LD ld_f16
 #define LD1 ld1_f16
 #define ESZ 2
+#define PDOT dot_f16
+#define PLD1 ld1_f16
+#define PESZ 2
 #include "bank_sparse_decode_body.h"
 #undef SUF
 #undef LD
 #undef LD1
 #undef ESZ
+#undef PDOT
+#undef PLD1
+#undef PESZ
 #endif
 
-int upc_abi_version(void) { return 6; }
+/* int8 rows (per-row scales in scg / scu / scd), float32 predictor: upc_decode_i8 */
+#define SUF i8
+#define LD ld_i8
+#define LD1 ld1_i8
+#define ESZ 1
+#define PDOT dot_f32
+#define PLD1 ld1_f32
+#define PESZ 4
+#include "bank_sparse_decode_body.h"
+#undef SUF
+#undef LD
+#undef LD1
+#undef ESZ
+#undef PDOT
+#undef PLD1
+#undef PESZ
+
+/* An int8 linear layer at decode shapes: y [T, N] = (x [T, K] . q [N, K]^T) * s [N] + b [N] (s, b may be NULL),
+   q int8 rows with row stride ldq, float32 arithmetic. Rows in blocks of LIN_ROWS on the same helper pool as
+   the FFN kernel (so it never fights a second pool); each row is computed by one thread: the output does not
+   depend on the thread count. Used for the attention projections, the LM head and dense FFNs of a model
+   quantised by upcycle.quantize. */
+typedef struct {
+    const float *x;
+    float *y;
+    const int8_t *q;
+    const float *s, *b;
+    long ldq;
+    int T, N, K, nthreads, dot_path;
+} upc_linear_args;
+
+int upc_linear_args_size(void) { return (int)sizeof(upc_linear_args); }
+
+#define LIN_ROWS 32
+static void lin_rows(const args_t *A, int blk, float *yp, float *scr) {
+    (void)yp; (void)scr;
+    const int r0 = blk * LIN_ROWS, r1 = r0 + LIN_ROWS < A->ln ? r0 + LIN_ROWS : A->ln, K = A->d;
+    if (A->l4) {
+        for (int n = r0; n < r1; n += 4) {
+            const int8_t *rw[4];
+            for (int j = 0; j < 4; j++) rw[j] = A->lq + (long)(n + j < r1 ? n + j : r1 - 1) * A->ldq;
+            for (int t = 0; t < A->T; t++) {
+                float o[4];
+                ((lin4_fn)A->l4)(rw, A->lxq + (size_t)t * K, A->lsx + (size_t)t * (K / LIN_G), K, o);
+                for (int j = 0; j < 4 && n + j < r1; j++)
+                    A->ly[(size_t)t * A->ln + n + j] = o[j] * (A->ls ? A->ls[n + j] : 1.f) + (A->lb ? A->lb[n + j] : 0.f);
+            }
+        }
+        return;
+    }
+    for (int n = r0; n < r1; n++) {
+        const char *row = (const char *)A->lq + (long)n * A->ldq;
+        const float s = A->ls ? A->ls[n] : 1.f, b = A->lb ? A->lb[n] : 0.f;
+        for (int t = 0; t < A->T; t++)
+            A->ly[(size_t)t * A->ln + n] = dot_i8(row, A->x + (size_t)t * K, K) * s + b;
+    }
+}
+static void lin_prologue(args_t *A) { (void)A; }
+
+/* Which dots upc_linear_i8 runs for `requested` (UPC_DOTS_*) and K: the path, UPC_DOTS_FLOAT, or -1. */
+int upc_linear_dot_path(int requested, int K) {
+    int path = resolve(requested, LINEAR_ORDER);
+    if (path < 0) return -1;
+    if (path == UPC_DOTS_AVXVNNI8) path = UPC_DOTS_AVXVNNI;  /* the split-int8 forms exist for the shadow only */
+    if (path == UPC_DOTS_AVX512VNNI8) path = UPC_DOTS_AVX512VNNI;
+    return K % LIN_G == 0 && pick_lin4(path) ? path : UPC_DOTS_FLOAT;
+}
+
+int upc_linear_i8(const upc_linear_args *p) {
+    if (!p->x || !p->y || !p->q || p->T < 1 || p->N < 1 || p->K < 1 || p->ldq < p->K || p->nthreads < 1) return 1;
+    const int path = upc_linear_dot_path(p->dot_path, p->K);
+    if (path < 0) return 3;
+    args_t A;
+    memset(&A, 0, sizeof A);
+    A.x = p->x; A.T = p->T; A.d = p->K; A.nb = (p->N + LIN_ROWS - 1) / LIN_ROWS;
+    A.lq = p->q; A.ls = p->s; A.lb = p->b; A.ly = p->y; A.ldq = p->ldq; A.ln = p->N;
+    int16_t *xq = NULL;
+    float *sx = NULL;
+    if (path != UPC_DOTS_FLOAT) {
+        xq = malloc(sizeof(int16_t) * (size_t)p->T * p->K);
+        sx = malloc(sizeof(float) * (size_t)p->T * (p->K / LIN_G));
+        if (!xq || !sx) { free(xq); free(sx); return 2; }
+        quantize_x_groups(p->x, p->T, p->K, xq, sx);
+        A.l4 = (const void *)pick_lin4(path); A.lxq = xq; A.lsx = sx;
+    }
+    int rc = run_job(lin_rows, lin_prologue, &A, 0, NULL, p->nthreads, 1);
+    free(xq);
+    free(sx);
+    return rc;
+}
+
+int upc_abi_version(void) { return 8; }
