@@ -88,3 +88,29 @@ def mlp_tensors(shapes: dict[str, tuple[tuple[int, ...], int]]) -> dict[int, dic
         if m:
             out.setdefault(int(m.group(1)), {}).setdefault(m.group(2), []).append((shape, nbytes))
     return out
+
+
+def set_rope(model: nn.Module, rope_theta: float | None = None, rope_scaling: dict | None = None,
+             max_position_embeddings: int | None = None) -> nn.Module:
+    """Override the RoPE base / scaling (YaRN, linear, dynamic, ...) and the position limit of an HF causal LM
+    in place, rebuilding its rotary embedding; ValueError when transformers rejects the settings."""
+    if not (rope_theta or rope_scaling or max_position_embeddings):
+        return model
+    c = model.config
+    if max_position_embeddings:
+        c.max_position_embeddings = max_position_embeddings
+    if rope_theta or rope_scaling:
+        params = dict(getattr(c, "rope_parameters", None) or {})
+        if rope_theta:
+            params["rope_theta"] = rope_theta
+        if rope_scaling:
+            params.update(rope_scaling)
+        c.rope_parameters = params
+    decoder = model.get_decoder()
+    old = decoder.rotary_emb
+    device = next(old.buffers()).device if any(True for _ in old.buffers()) else None
+    try:
+        decoder.rotary_emb = type(old)(config=c).to(device)
+    except Exception as e:
+        raise ValueError(f"RoPE settings {getattr(c, 'rope_parameters', None)} rejected by transformers: {e}") from e
+    return model

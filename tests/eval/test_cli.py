@@ -43,11 +43,12 @@ def test_baselines_on_the_fly(capsys, dense_dir, heldout_file, calib_file):
 
 
 def test_tasks_json_and_table(capsys, sparse_dir):
-    r = _json(capsys, "--model", sparse_dir, "--task", "niah,vt", "--lengths", "400,420", "--samples", 1)
+    r = _json(capsys, "--model", sparse_dir, "--task", "niah,passkey", "--lengths", "700,720", "--samples", 1)
     assert r["ppl"] is None and r["ffn_density"] == pytest.approx(0.25, abs=1e-6)
-    assert set(r["tasks"]) == {"niah", "vt"} and set(r["tasks"]["vt"]) == {"400", "420"}
-    assert len(r["tasks"]["niah"]["400"]["layers"]) == 2
-    assert main(["eval", "--model", str(sparse_dir), "--task", "niah", "--lengths", "300", "--samples", "1"]) == 0
+    assert set(r["tasks"]) == {"niah", "passkey"} and set(r["tasks"]["passkey"]) == {"700", "720"}
+    assert 0 <= r["tasks"]["passkey"]["700"]["ruler_score"] <= 100
+    assert len(r["tasks"]["niah"]["700"]["layers"]) == 2
+    assert main(["eval", "--model", str(sparse_dir), "--task", "niah", "--lengths", "600", "--samples", "1"]) == 0
     out = capsys.readouterr().out
     assert "niah" in out and "score" in out
 
@@ -65,6 +66,8 @@ def test_human_table(capsys, sparse_dir, heldout_file):
         (["--data", "/nonexistent/file.txt"], "does not exist"),
         (["--task", "needle"], "unknown task"),
         (["--task", "niah", "--lengths", "1k"], "--lengths"),
+        (["--task", "niah_single_2"], "--haystack"),
+        (["--task", "niah", "--lengths", "4096"], "max_position_embeddings=2048"),
         ([], "nothing to evaluate"),
         (["--data", "{heldout}", "--baseline", "magic"], "unknown baseline"),
     ],

@@ -23,8 +23,12 @@ tasks, with per-layer FFN statistics measured from what the model computes:
   |h|_kept         sum |h| over used channels / sum |h|, mean over tokens
 Perplexity: the text is tokenised whole and cut into windows of --seq-len starting every --stride
 tokens; each token is scored once with the context of its window; ppl = exp(mean NLL).
-Tasks (RULER-style, generated from --seed): niah, niah-multikey, cwe, vt; prompt + answer fits each
-length; score = fraction of expected items in the greedy output, exact = all of them."""
+Tasks (RULER's synthetic tasks, generated from --seed as RULER generates them; see README "RULER tasks"):
+  niah_single_1/2/3, niah_multikey_1/2/3, niah_multivalue, niah_multiquery, vt, cwe, fwe, passkey
+  (aliases: niah = niah_single_1, niah-multikey = niah_multikey_2); essay-haystack tasks need --haystack.
+  prompt + answer prefix + the answer budget fit each length; greedy decoding from prompt + answer prefix;
+  score = RULER's string_match_all (fraction of the references found, case-insensitive) in [0, 1],
+  ruler = the same in percent as RULER reports it, exact = share of samples with every reference found."""
 
 EPILOG = """\
 examples:
@@ -32,12 +36,13 @@ examples:
   upcycle eval --model out/sparse --data heldout.txt --reference Qwen2.5-0.5B --json
   upcycle eval --model Qwen2.5-0.5B --data heldout.txt --baseline posthoc-magnitude --reference Qwen2.5-0.5B
   upcycle eval --model Qwen2.5-0.5B --data heldout.txt --baseline posthoc-predictor --calib-data train.txt
-  upcycle eval --model out/sparse --task niah,cwe,vt --lengths 1024,2048,4096 --samples 10 --json"""
+  upcycle eval --model out/sparse --task passkey,niah_single_1,cwe,vt --lengths 1024,2048,4096 --samples 10 --json
+  upcycle eval --model out/sparse --task all --haystack essays.txt --lengths 4096"""
 
 
 def add_parser(subparsers) -> None:
     from upcycle.eval import BASELINES
-    from upcycle.eval.tasks import TASKS
+    from upcycle.eval.tasks import ALIASES, TASKS
 
     p = subparsers.add_parser(
         "eval", help="perplexity, FFN statistics, long-context tasks, baselines", description=DESCRIPTION,
@@ -56,16 +61,37 @@ def add_parser(subparsers) -> None:
     p.add_argument("--calib-data", nargs="+", metavar="PATH", help="calibration text (threshold, predictor)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--calib-steps", type=int, default=300, help="posthoc-predictor fit steps (default 300)")
-    p.add_argument("--task", metavar="LIST", help=f"comma-separated tasks or 'all': {', '.join(TASKS)}")
+    p.add_argument("--task", metavar="LIST", help=f"comma-separated tasks or 'all' (without --haystack: those that "
+                   f"need none): {', '.join(TASKS)}; aliases {', '.join(ALIASES)}")
     p.add_argument("--lengths", default="1024,2048,4096", metavar="LIST", help="task lengths (default 1024,2048,4096)")
     p.add_argument("--samples", type=int, default=5, help="samples per task and length (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="task generation seed (default 0)")
-    p.add_argument("--haystack", nargs="+", metavar="PATH", help="text file(s) for the haystack (default: noise)")
+    p.add_argument("--seed", type=int, default=42, help="task generation seed (default 42, RULER's)")
+    p.add_argument("--haystack", nargs="+", metavar="PATH", help="essay text file(s) for the essay-haystack tasks "
+                   "(RULER uses Paul Graham's essays)")
+    add_rope_arguments(p)
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer to use (default: the checkpoint's)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
     p.set_defaults(func=run)
+
+
+def add_rope_arguments(p) -> None:
+    p.add_argument("--rope-scaling", metavar="JSON", type=_json_dict, default=None,
+                   help='RoPE scaling for lengths beyond the model\'s positions, e.g. \'{"rope_type": "yarn", '
+                   '"factor": 2.0, "original_max_position_embeddings": 8192}\'')
+    p.add_argument("--max-position-embeddings", type=int, default=None, metavar="N",
+                   help="override max_position_embeddings (with --rope-scaling)")
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -78,13 +104,22 @@ def _ints(text: str, what: str) -> list[int]:
     return values
 
 
-def _tasks(text: str) -> list[str]:
-    from upcycle.eval.tasks import TASKS
+def _tasks(text: str, haystack: bool = False) -> list[str]:
+    from upcycle.eval.tasks import ESSAY_TASKS, NAMES, TASKS
 
-    names = list(TASKS) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in TASKS]
+    if text.strip() == "all":
+        names = [t for t in TASKS if haystack or t not in ESSAY_TASKS]
+        if not haystack:
+            log.info("--task all without --haystack: leaving out the essay-haystack tasks %s", ", ".join(ESSAY_TASKS))
+        return names
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in NAMES]
     if bad or not names:
-        raise ValueError(f"unknown task {', '.join(bad) or repr(text)}: choose from {', '.join(TASKS)} or 'all'.")
+        raise ValueError(f"unknown task {', '.join(bad) or repr(text)}: choose from {', '.join(NAMES)} or 'all'.")
+    need = [t for t in names if t in ESSAY_TASKS]
+    if need and not haystack:
+        raise ValueError(f"task(s) {', '.join(need)} use RULER's essay haystack: pass --haystack FILE (RULER uses Paul "
+                         "Graham's essays) or choose tasks with a noise or needle haystack.")
     return names
 
 
@@ -108,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         calib_data=args.calib_data,
         calib_tokens=args.calib_tokens,
         calib_steps=args.calib_steps,
-        tasks=_tasks(args.task) if args.task else None,
+        tasks=_tasks(args.task, bool(args.haystack)) if args.task else None,
         lengths=_ints(args.lengths, "--lengths"),
         samples=args.samples,
         seed=args.seed,
@@ -116,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         dtype=dtype,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        rope_scaling=args.rope_scaling,
+        max_position_embeddings=args.max_position_embeddings,
     )
     if args.json:
         json.dump(result, sys.stdout, indent=1)

@@ -1,11 +1,12 @@
-"""Evaluation: perplexity and per-layer FFN statistics, RULER-style long-context tasks, every recipe's baselines.
+"""Evaluation: perplexity and per-layer FFN statistics, RULER long-context tasks, every recipe's baselines.
 
     from upcycle.eval import evaluate
     result = evaluate("out/sparse", data="heldout.txt", reference="Qwen2.5-0.5B")
     result["ppl"], result["ffn_density"], result["stats"]["layers"]
 
-Modules: `perplexity` (windows, ppl, KL), `stats` (FFNStats hooks), `tasks` (niah, niah-multikey, cwe,
-vt), `runner` (`evaluate`), `report` (tables), `lm_eval_adapter` (optional extra, not imported here).
+Modules: `perplexity` (windows, ppl, KL), `stats` (FFNStats hooks), `tasks` (RULER's synthetic tasks and
+passkey; the generators and scorers are `ruler`), `runner` (`evaluate`), `report` (tables), `lm_eval_adapter`
+(optional extra, not imported here).
 Baselines belong to their recipes (`upcycle.recipes.bank_sparse.baselines`); `BASELINES` lists them all.
 """
 

@@ -32,6 +32,8 @@ def format_report(r: dict) -> str:
     sp = r["sparsity"]
     if sp["kind"] == "dense":
         kind = f"dense ({sp['ffn_layers']} FFN layers)"
+    elif sp.get("label"):  # a recipe's own description (e.g. MoE: experts, top-k, active parameters)
+        kind = sp["label"]
     else:
         keeps = sorted(set(sp["keep"].values()))
         kind = (f"bank-sparse ({sp['sparse_layers']}/{sp['ffn_layers']} FFN layers, keep "
@@ -48,14 +50,15 @@ def format_report(r: dict) -> str:
             lines.append(f"KL         {r['kl_ref']:.5f} nats/token  KL(reference || model), reference {r['reference']}")
     lines.append(f"FFN density {_f(r['ffn_density'])}  (fraction of FFN channels reaching down_proj, all layers)")
     if r.get("stats"):
-        lines += ["", *layer_table(r["stats"])]
+        lines += ["", *layer_table(r["stats"]), *r["stats"].get("lines", [])]  # + a recipe's own lines
     if r.get("tasks"):
-        lines += ["", f"{'task':<14} {'length':>7} {'n':>3} {'score':>6} {'exact':>6} {'prompt_tok':>10} "
+        lines += ["", f"{'task':<16} {'length':>7} {'n':>3} {'score':>6} {'ruler':>6} {'exact':>6} {'prompt_tok':>10} "
                       f"{'density':>7} {'recall':>6}"]
         for task, by_len in r["tasks"].items():
             for length, t in by_len.items():
                 lines.append(
-                    f"{task:<14} {length:>7} {t['n']:>3} {t['score']:>6.3f} {t['exact_match']:>6.3f} "
-                    f"{t['prompt_tokens']:>10.0f} {_f(t.get('ffn_density')):>7} {_f(t.get('recall')):>6}"
+                    f"{task:<16} {length:>7} {t['n']:>3} {t['score']:>6.3f} {_f(t.get('ruler_score'), '.2f'):>6} "
+                    f"{t['exact_match']:>6.3f} {t['prompt_tokens']:>10.0f} {_f(t.get('ffn_density')):>7} "
+                    f"{_f(t.get('recall')):>6}"
                 )
     return "\n".join(lines)

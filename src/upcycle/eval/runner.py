@@ -68,18 +68,21 @@ def evaluate(
     tasks: Sequence[str] | None = None,
     lengths: Sequence[int] = (1024, 2048, 4096),
     samples: int = 5,
-    seed: int = 0,
+    seed: int = 42,
     haystack: PathLike | Sequence[PathLike] | None = None,
     tokenizer=None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    rope_scaling: dict | None = None,
+    max_position_embeddings: int | None = None,
 ) -> dict:
     """Perplexity (`data`) and/or long-context tasks (`tasks`) of `model`, with per-layer FFN statistics.
 
     `model`/`reference`: checkpoint directories (loaded with `upcycle.load`) or loaded models; with a
     model object pass `tokenizer` (an object or a path). `baseline` applies a post-hoc recipe first
     (any recipe's, by name: `upcycle.eval.BASELINES`; the calibrated ones need `calib_data`). Returns a JSON-ready dict
-    with at least "ppl" (None without `data`) and "ffn_density".
+    with at least "ppl" (None without `data`) and "ffn_density". `rope_scaling` / `max_position_embeddings`
+    extend the model's positions (and the reference's) for long tasks.
     """
     import upcycle
 
@@ -96,6 +99,11 @@ def evaluate(
         if tokenizer is None:
             raise ValueError("a model object needs its tokenizer: pass tokenizer= (an object or a path).")
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    hf.set_rope(model, None, rope_scaling, max_position_embeddings)
+    if task_names:
+        from upcycle.eval.tasks import check_lengths
+
+        check_lengths(model, lengths)
     if baseline:
         recipe, canon = resolve_baseline(baseline)
         calib = None
@@ -114,6 +122,7 @@ def evaluate(
     if isinstance(reference, (str, os.PathLike)):
         ref_name = str(reference)
         reference = upcycle.load(reference, dtype=dtype, device=device)
+        hf.set_rope(reference, None, rope_scaling, max_position_embeddings)
     elif reference is not None:
         ref_name = type(reference).__name__
 
@@ -129,13 +138,14 @@ def evaluate(
         out["reference"] = ref_name
         out["stats"] = stats
     if task_names:
-        hay = read_text(_list(haystack)).split("\n\n") if haystack else None
+        hay = read_text(_list(haystack)) if haystack else None
         res = run_tasks(model, tok, task_names, lengths, n=samples, seed=seed, haystack=hay)
         out["tasks"] = {t: {str(n): r for n, r in by_len.items()} for t, by_len in res.items()}
         if data is None:
             out["ffn_density"] = _weighted([r for by_len in res.values() for r in by_len.values()], "ffn_density")
         out["task_config"] = {"lengths": list(lengths), "samples": samples, "seed": seed,
-                              "haystack": [str(p) for p in _list(haystack)] if haystack else "noise"}
+                              "haystack": [str(p) for p in _list(haystack)] if haystack else None,
+                              "generator": "RULER (upcycle.eval.ruler)", "rope_scaling": rope_scaling}
     return out
 
 

@@ -1,185 +1,70 @@
-"""RULER-style synthetic long-context tasks, generated locally from a seed, at any length in tokens.
+"""RULER's synthetic long-context tasks at any length in tokens, scored as RULER scores them.
 
-- `niah`: one needle "One of the special magic numbers for KEY is: VALUE." in a haystack; answer VALUE.
-- `niah-multikey`: four needles with different keys; one key is asked (the others are distractors).
-- `cwe` (common-words extraction): a numbered list of words where 10 words appear many times and
-  the rest a few times; answer the 10 common words.
-- `vt` (variable tracking): a chain VAR A = 12345 ... VAR E = VAR D hidden in the haystack; answer
-  every variable that holds the value.
+The generators and scorers are `upcycle.eval.ruler` (a RULER-faithful re-implementation; see its
+docstring and the README for where it differs from RULER and from lm-eval's `ruler` port). This module
+is what `upcycle eval --task` and `upcycle diagnose` use: task names and aliases, the haystack and the
+special-token reserve, greedy decoding from `prompt + answer_prefix`, per-length results.
 
-A sample's prompt fills `length - max_new_tokens` tokens of the given tokenizer (as close as the
-filler's granularity allows, never over), so prompt + answer fits `length`. The haystack is RULER's
-noise sentences by default, or words of the texts passed as `haystack`. Scoring (RULER's
-string-match-all): `score` = fraction of the expected items found in the greedy continuation
-(whole-word, case-insensitive), `exact_match` = 1 if all are found.
+Tasks (`TASKS`): niah_single_1/2/3, niah_multikey_1/2/3, niah_multivalue, niah_multiquery (RULER's
+needle-in-a-haystack variants), vt (variable tracking: 1 chain, 4 hops), cwe (common words extraction:
+10 common words 30x and uncommon ones 3x, 6x / 1x below 4K tokens, with the one-shot example), fwe
+(frequent words extraction) and passkey (not RULER: a 5-digit key in noise sentences, which small models
+solve). The old names stay as aliases (`ALIASES`): niah -> niah_single_1, niah-multikey -> niah_multikey_2
+(distractor needles, no essay needed), cwe, vt. Tasks with RULER's essay haystack (niah_single_2/3,
+niah_multikey_1, niah_multivalue, niah_multiquery) need haystack text (RULER uses Paul Graham's essays).
+
+Scoring is RULER's string_match_all (the fraction of the references found in the post-processed
+prediction, case-insensitive substring; `string_match_part` for QA-like tasks): `score` is the mean over
+samples in [0, 1], `ruler_score` the same in percent rounded to 2 decimals (what RULER reports),
+`exact_match` the share of samples with every reference found.
 """
 
 from __future__ import annotations
 
-import random
-import re
+import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-WORDS = (
-    "apple river stone cloud forest garden window candle silver orange tiger rabbit violin mirror "
-    "planet rocket pencil island castle dragon engine harbor jacket ladder meadow needle pepper "
-    "quartz saddle tunnel velvet wagon yellow zebra anchor basket cactus dolphin feather glacier "
-    "hammer igloo jungle kettle lantern marble nectar oyster parrot quiver raven sunset thunder "
-    "umbrella valley walnut barrel copper desert ember falcon ginger hollow ivory jasmine kernel "
-    "lemon mango nutmeg olive pillow quilt ribbon saffron timber utensil vessel willow bamboo "
-    "canyon dagger eagle fabric goblet helmet iris juniper koala lotus magnet nickel orbit "
-    "pebble puzzle rhythm spider tomato unicorn vapor whistle blossom coral daisy fossil granite "
-    "horizon insect jewel knight lizard meteor noodle oxygen pirate quarry rainbow sapphire "
-    "tortoise uplift volcano wizard bridge camera doctor elbow fiddle guitar hazel indigo "
-    "jigsaw kayak lobster mitten nebula onion panda quill robin shadow tulip vortex waffle"
-).split()
-TEMPLATES = {
-    "niah": (
-        "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-        "I will quiz you about the numbers afterwards.\n{context}\nWhat is the special magic number for "
-        "{key} mentioned in the provided text? The special magic number for {key} mentioned in the "
-        "provided text is"
-    ),
-    "cwe": (
-        "Below is a numbered list of words. In these words, some appear more often than others. Memorize "
-        "the ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the "
-        "above list? Answer: The top 10 words that appear most often in the list are:"
-    ),
-    "vt": (
-        "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
-        "Question: Find all variables that are assigned the value {value} in the text above. Answer: "
-        "According to the chain(s) of variable assignment in the text above, {n} variables are assigned "
-        "the value {value}, they are:"
-    ),
-}
-MAX_NEW_TOKENS = {"niah": 32, "niah-multikey": 32, "cwe": 120, "vt": 48}
-TASKS = tuple(MAX_NEW_TOKENS)
+from upcycle.eval import ruler
+from upcycle.eval.ruler import RulerSample, postprocess_pred, sample_score
+
+TASKS: tuple[str, ...] = tuple(ruler.TASKS)
+ALIASES: dict[str, str] = {"niah": "niah_single_1", "niah-multikey": "niah_multikey_2"}
+ESSAY_TASKS: tuple[str, ...] = tuple(
+    n for n, s in ruler.TASKS.items() if getattr(s.args, "type_haystack", None) == "essay"
+)
+NAMES: tuple[str, ...] = TASKS + tuple(ALIASES)
+DEFAULT_SEED = 42  # RULER's --random_seed
+
+Sample = RulerSample
 
 
-@dataclass
-class Sample:
-    task: str
-    prompt: str
-    answers: list[str]
-    length: int  # the target length: prompt tokens + max_new_tokens <= length
-    n_tokens: int  # prompt tokens (tokenizer defaults, e.g. with BOS)
-    max_new_tokens: int
-    meta: dict = field(default_factory=dict)
+def resolve(task: str) -> str:
+    """The RULER name of `task` (an alias maps to its RULER task); ValueError listing the names."""
+    name = ALIASES.get(task, task)
+    if name not in ruler.TASKS:
+        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)} (aliases: "
+                         f"{', '.join(f'{a}={b}' for a, b in ALIASES.items())}).")
+    return name
 
 
-def _count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, verbose=False)["input_ids"])
+def needs_haystack(task: str) -> bool:
+    return resolve(task) in ESSAY_TASKS
 
 
-def _fit(build: Callable[[int], str], tokenizer, budget: int, what: str) -> tuple[str, int]:
-    """The longest build(n) (n filler units) whose token count is <= budget, and that count."""
-    n0 = _count(tokenizer, build(0))
-    if n0 > budget:
-        raise ValueError(f"{what}: even without filler the prompt has {n0} tokens > {budget}: use a longer length.")
-    lo, hi = 0, 16
-    while _count(tokenizer, build(hi)) <= budget:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _count(tokenizer, build(mid)) <= budget else (lo, mid)
-    text = build(lo)
-    return text, _count(tokenizer, text)
+def special_tokens(tokenizer) -> int:
+    """Tokens the tokenizer adds around a text (BOS/EOS): RULER does not count them, generation feeds them."""
+    try:
+        return len(tokenizer("", verbose=False)["input_ids"])
+    except TypeError:  # a plain str -> int counter
+        return 0
 
 
-def _filler(rng: random.Random, haystack: Sequence[str] | None) -> Callable[[int], list[str]]:
-    """n -> n filler units: RULER noise sentences, or consecutive words of `haystack` from a random start."""
-    if not haystack:
-        sentences = [s.strip() + "." for s in NOISE.split(".") if s.strip()]
-        return lambda n: [sentences[i % len(sentences)] for i in range(n)]
-    words = " ".join(haystack).split()
-    if not words:
-        raise ValueError("the haystack texts contain no words.")
-    start = rng.randrange(len(words))
-    return lambda n: [words[(start + i) % len(words)] for i in range(n)]
-
-
-def _insert(units: list[str], items: list[str], depths: list[float]) -> str:
-    """Insert each item at its relative depth in [0, 1] among the filler units; join with spaces."""
-    placed = sorted(zip((round(d * len(units)) for d in depths), range(len(items)), items, strict=True))
-    out = list(units)
-    for k, (pos, _, item) in enumerate(placed):
-        out.insert(pos + k, item)
-    return " ".join(out)
-
-
-def _number(rng: random.Random) -> str:
-    return str(rng.randint(1_000_000, 9_999_999))
-
-
-def _words(rng: random.Random, n: int) -> list[str]:
-    """n distinct words: the built-in list first, then pronounceable pseudo-words."""
-    pool = list(WORDS)
-    rng.shuffle(pool)
-    out, seen = pool[:n], set(pool[:n])
-    syll = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-    while len(out) < n:
-        w = "".join(rng.choice(syll) for _ in range(rng.randint(2, 3)))
-        if w not in seen:
-            seen.add(w)
-            out.append(w)
-    return out
-
-
-def _niah(rng, tokenizer, budget, haystack, n_keys):
-    words = _words(rng, 2 * n_keys)
-    keys = [f"{words[2 * i]}-{words[2 * i + 1]}" for i in range(n_keys)]
-    values = [_number(rng) for _ in keys]
-    needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values, strict=True)]
-    depths = [rng.random() for _ in keys]
-    ask = rng.randrange(n_keys)
-    fill = _filler(rng, haystack)
-
-    def build(n):
-        return TEMPLATES["niah"].format(context=_insert(fill(n), needles, depths), key=keys[ask])
-
-    return build, [values[ask]], {"depth": depths[ask], "n_needles": n_keys}
-
-
-def _cwe(rng, tokenizer, budget, haystack, num_cw=10):
-    """n = number of uncommon words; frequencies shrink (30/3 as in RULER, down to 2/1) to fit short lengths."""
-    seed = rng.randrange(1 << 30)
-
-    def make(freq_cw, freq_ucw):
-        def build(n):
-            words = _words(random.Random(seed), num_cw + n)  # prefix-stable: the common words never change
-            items = words[:num_cw] * freq_cw + words[num_cw:] * freq_ucw
-            random.Random(seed + n).shuffle(items)
-            return TEMPLATES["cwe"].format(context="\n".join(f"{i + 1}. {w}" for i, w in enumerate(items)))
-
-        return build
-
-    for freq_cw, freq_ucw in ((30, 3), (20, 3), (10, 2), (6, 2), (4, 1), (2, 1)):
-        build = make(freq_cw, freq_ucw)
-        if _count(tokenizer, build(0)) <= budget * 0.6:
-            break
-    return build, _words(random.Random(seed), num_cw), {"freq_cw": freq_cw, "freq_ucw": freq_ucw}
-
-
-def _vt(rng, tokenizer, budget, haystack, hops=4):
-    names = []
-    while len(names) < hops + 1:
-        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
-        if name not in names:
-            names.append(name)
-    value = str(rng.randint(10000, 99999))
-    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
-    depths = sorted(rng.random() for _ in chain)  # the chain keeps its order
-    fill = _filler(rng, haystack)
-
-    def build(n):
-        return TEMPLATES["vt"].format(context=_insert(fill(n), chain, depths), value=value, n=len(names))
-
-    return build, names, {"hops": hops}
+def _haystack_text(haystack: str | Sequence[str] | None) -> str | None:
+    if haystack is None or isinstance(haystack, str):
+        return haystack or None
+    return "\n\n".join(haystack) or None
 
 
 def generate(
@@ -187,60 +72,94 @@ def generate(
     tokenizer,
     length: int,
     n: int = 1,
-    seed: int = 0,
-    haystack: Sequence[str] | None = None,
+    seed: int = DEFAULT_SEED,
+    haystack: str | Sequence[str] | None = None,
     max_new_tokens: int | None = None,
-) -> list[Sample]:
-    """`n` samples of `task` at `length` tokens of `tokenizer`; the same seed gives the same samples.
+    start_index: int = 0,
+) -> list[RulerSample]:
+    """`n` samples of `task` at `length` tokens: prompt + answer prefix + the answer budget + the
+    tokenizer's special tokens fit `length`. Sample i is the same whatever `n` is (for a given tokenizer).
 
-    `max_new_tokens` overrides the task's answer budget (MAX_NEW_TOKENS; too few tokens cut answers).
+    `haystack`: essay text (a string or documents) for the essay tasks. `max_new_tokens` overrides the
+    task's answer budget (RULER's tokens_to_generate: too few tokens cut answers).
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}.")
-    max_new = max_new_tokens or MAX_NEW_TOKENS[task]
-    budget = length - max_new
-    samples = []
-    for i in range(n):
-        rng = random.Random(f"{seed}-{task}-{length}-{i}")
-        if task == "cwe":
-            build, answers, meta = _cwe(rng, tokenizer, budget, haystack)
-        elif task == "vt":
-            build, answers, meta = _vt(rng, tokenizer, budget, haystack)
-        else:
-            build, answers, meta = _niah(rng, tokenizer, budget, haystack, 1 if task == "niah" else 4)
-        prompt, n_tokens = _fit(build, tokenizer, budget, f"task {task} at length {length}")
-        samples.append(Sample(task, prompt, answers, length, n_tokens, max_new, meta))
-    return samples
+    name = resolve(task)
+    spec = ruler.get_task(name)
+    if max_new_tokens:
+        spec = dataclasses.replace(spec, tokens_to_generate=max_new_tokens)
+    text = _haystack_text(haystack)
+    if name in ESSAY_TASKS and text is None:
+        raise ValueError(f"task {name} uses RULER's essay haystack: pass haystack text (--haystack FILE; RULER "
+                         "uses Paul Graham's essays), or use a task with a noise or needle haystack "
+                         f"({', '.join(t for t in TASKS if t not in ESSAY_TASKS)}).")
+    if length < 1 or n < 1:
+        raise ValueError(f"length and samples must be >= 1, got length={length}, samples={n}.")
+    try:
+        return ruler.generate_samples(spec, tokenizer, length, n, seed=seed, start_index=start_index,
+                                      haystack_text=text, reserve_tokens=special_tokens(tokenizer))
+    except ValueError as e:
+        if "fit in" not in str(e):
+            raise
+        raise ValueError(f"{e}: use a longer length.") from None
 
 
-def score(output: str, answers: Sequence[str]) -> float:
-    """Fraction of `answers` found in `output` as whole words (case-insensitive)."""
-    found = [re.search(rf"(?<!\w){re.escape(a)}(?!\w)", output, re.IGNORECASE) is not None for a in answers]
-    return sum(found) / len(found)
+def score(output: str, answers: Sequence[str], metric: str = "string_match_all") -> float:
+    """RULER's per-sample score of a raw continuation in [0, 1] (post-processed first, substring match)."""
+    return sample_score(postprocess_pred(output), list(answers), metric)
 
 
-def evaluate(generate_fn: Callable[[Sample], str], samples: Sequence[Sample]) -> dict:
-    """{"score", "exact_match", "n"}: means over `samples` of `generate_fn(sample)`'s scores."""
-    scores = [score(generate_fn(s), s.answers) for s in samples]
+def evaluate(generate_fn: Callable[[RulerSample], str], samples: Sequence[RulerSample],
+             on_result: Callable[[RulerSample, str, float], None] | None = None) -> dict:
+    """{"score", "ruler_score", "exact_match", "nulls", "n", "sample_scores"} over `samples`, which share a
+    task and length: `generate_fn(sample)` is the continuation after `sample.input_text`."""
+    if not samples:
+        raise ValueError("no samples to evaluate")
+    scores, preds = [], []
+    for s in samples:
+        raw = generate_fn(s)
+        pred = postprocess_pred(raw)
+        scores.append(sample_score(pred, list(s.outputs), s.metric))
+        preds.append(pred)
+        if on_result is not None:
+            on_result(s, pred, scores[-1])
+    metric = {"string_match_all": ruler.string_match_all, "string_match_part": ruler.string_match_part}
     return {
         "score": sum(scores) / len(scores),
+        "ruler_score": metric[samples[0].metric](preds, [list(s.outputs) for s in samples]),
         "exact_match": sum(s == 1.0 for s in scores) / len(scores),
+        "nulls": sum(not p for p in preds),
         "n": len(scores),
+        "sample_scores": scores,
     }
 
 
-def hf_generate_fn(model: nn.Module, tokenizer) -> Callable[[Sample], str]:
-    """Greedy continuation of a sample's prompt by an HF causal LM (batch 1), decoded to text."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def hf_generate_fn(model: nn.Module, tokenizer) -> Callable[[RulerSample], str]:
+    """Greedy continuation (batch 1, `sample.max_new_tokens` new tokens) of `prompt + answer_prefix`, with
+    the tokenizer's special tokens, as RULER's HF runner; only the new tokens are decoded."""
+    return ruler.make_hf_generate_fn(model, tokenizer)
 
-    @torch.no_grad()
-    def gen(sample: Sample) -> str:
-        device = next(model.parameters()).device
-        enc = tokenizer(sample.prompt, return_tensors="pt", verbose=False).to(device)
-        out = model.generate(**enc, max_new_tokens=sample.max_new_tokens, do_sample=False, pad_token_id=pad)
-        return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    return gen
+def rope_scaled(config) -> bool:
+    """Whether an HF config extends its positions by RoPE scaling (linear, dynamic, yarn, llama3, ...)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):  # per layer type
+        params = next(v for v in params.values() if isinstance(v, dict))
+    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    return kind not in (None, "default")
+
+
+def check_lengths(model: nn.Module, lengths: Sequence[int], what: str = "--lengths") -> None:
+    """ValueError when a length exceeds the model's positions and its RoPE is not scaled."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    over = [n for n in lengths if limit and n > limit]
+    if over and not rope_scaled(config):
+        raise ValueError(
+            f"{what} {', '.join(map(str, over))} exceed the model's max_position_embeddings={limit} and its RoPE "
+            f"has no scaling: use lengths <= {limit}, or extend the positions with RoPE scaling (e.g. --rope-scaling "
+            f"'{{\"rope_type\": \"yarn\", \"factor\": {max(over) / limit:g}, \"original_max_position_embeddings\": "
+            f"{limit}}}')."
+        )
 
 
 def run(
@@ -249,31 +168,35 @@ def run(
     tasks: Sequence[str],
     lengths: Sequence[int],
     n: int = 5,
-    seed: int = 0,
-    haystack: Sequence[str] | None = None,
+    seed: int = DEFAULT_SEED,
+    haystack: str | Sequence[str] | None = None,
     stats: bool = True,
     max_new_tokens: int | None = None,
+    on_result: Callable[[RulerSample, str, float], None] | None = None,
 ) -> dict:
-    """{task: {length: {"score", "exact_match", "n", "prompt_tokens", and with stats: "ffn_density",
-    "recall", "mass_kept", "tokens", "layers"}}} over `n` samples per (task, length), greedy decoding.
+    """{task: {length: {"score", "ruler_score", "exact_match", "nulls", "n", "sample_scores", "prompt_tokens",
+    and with stats: "ffn_density", "recall", "mass_kept", "tokens", "layers"}}} over `n` samples per
+    (task, length), greedy decoding. Tasks are reported under the names given (aliases included).
 
     The statistics cover every token the model ran on for that (task, length): prompts and generated tokens.
     """
     from upcycle.eval.stats import stats_for
 
+    check_lengths(model, lengths)
     gen = hf_generate_fn(model, tokenizer)
     out: dict = {}
     for task in tasks:
+        resolve(task)
         out[task] = {}
         for length in lengths:
             samples = generate(task, tokenizer, length, n, seed, haystack, max_new_tokens)
             if stats:
                 with stats_for(model) as st:
-                    res = evaluate(gen, samples)
+                    res = evaluate(gen, samples, on_result)
                 summary = st.summary()
                 res.update({k: summary.get(k) for k in ("ffn_density", "recall", "mass_kept", "tokens", "layers")})
             else:
-                res = evaluate(gen, samples)
-            res["prompt_tokens"] = sum(s.n_tokens for s in samples) / len(samples)
+                res = evaluate(gen, samples, on_result)
+            res["prompt_tokens"] = sum(s.prompt_tokens + special_tokens(tokenizer) for s in samples) / len(samples)
             out[task][length] = res
     return out

@@ -183,6 +183,10 @@ class TrainConfig:
         self.resolve_recipe()
         return self
 
+    def validate_plan(self) -> TrainConfig:
+        """What `--plan` needs: `validate` without --data and --out (the plan reads only the model's config)."""
+        return self.replace(data=self.data or ["(plan)"], out=self.out or "(plan)").validate() and self
+
     def resolve_recipe(self) -> ResolvedRecipe:
         """The recipe section as typed objects: the recipe (None: the model's own, decided when it loads),
         its conversion config for a dense --model (None: no on-the-fly conversion) and its training options."""

@@ -3,6 +3,7 @@ attention / RoPE settings."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -29,24 +30,7 @@ def configure(model: nn.Module, cfg) -> nn.Module:
         raise ValueError(f"--attn-implementation {cfg.attn_implementation}: {e}") from e
     c = model.config
     c.use_cache = False
-    if cfg.max_position_embeddings:
-        c.max_position_embeddings = cfg.max_position_embeddings
-    if cfg.rope_theta or cfg.rope_scaling:
-        params = dict(getattr(c, "rope_parameters", None) or {})
-        if cfg.rope_theta:
-            params["rope_theta"] = cfg.rope_theta
-        if cfg.rope_scaling:
-            params.update(cfg.rope_scaling)
-        c.rope_parameters = params
-    if cfg.rope_theta or cfg.rope_scaling or cfg.max_position_embeddings:
-        decoder = model.get_decoder()
-        old = decoder.rotary_emb
-        device = next(old.buffers()).device if any(True for _ in old.buffers()) else None
-        try:
-            decoder.rotary_emb = type(old)(config=c).to(device)
-        except Exception as e:
-            settings = getattr(c, "rope_parameters", None)
-            raise ValueError(f"RoPE settings {settings} rejected by transformers: {e}") from e
+    hf.set_rope(model, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     limit = getattr(c, "max_position_embeddings", None)
     if limit and cfg.seq_len > limit:
         log.warning("seq_len %d exceeds max_position_embeddings %d: set --rope-scaling / --max-position-embeddings "
@@ -84,12 +68,46 @@ def build_student(cfg) -> tuple[nn.Module, torch.dtype]:
                          f"--recipe {plan.recipe.name} or pass a checkpoint of that recipe.")
     configure(model, cfg)
     if cfg.gradient_checkpointing:
-        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; 4.x has the old name
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model.train(), saved
+
+
+def checkpoint_kwargs(model: nn.Module) -> dict:
+    """torch.utils.checkpoint kwargs: non-reentrant, with the `context_fn` the model's modules declare (a module
+    class attribute `checkpoint_context_fn`; bank-sparse: the recomputation replays the forward's routing)."""
+    fns = []
+    for m in model.modules():
+        fn = getattr(type(m), "checkpoint_context_fn", None)
+        if fn is not None and fn not in fns:
+            fns.append(fn)
+    kw: dict = {"use_reentrant": False}
+    if len(fns) == 1:
+        kw["context_fn"] = fns[0]
+    elif fns:
+        def context_fn():
+            pairs = [fn() for fn in fns]
+            return _all(p[0] for p in pairs), _all(p[1] for p in pairs)
+
+        kw["context_fn"] = context_fn
+    return kw
+
+
+@contextlib.contextmanager
+def _all(contexts):
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing of every decoder layer (see checkpoint_kwargs)."""
+    kw = checkpoint_kwargs(model)
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; 4.x has the old name
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
 def train_hooks(model: nn.Module, cfg) -> registry.TrainHooks:

@@ -2,7 +2,8 @@
 
 The dense weights keep their Hugging Face names (`gate_proj`, `up_proj`, `down_proj`, plain
 `nn.Linear`); a low-rank predictor adds `predictor.in_proj` (d -> r) and `predictor.out_proj`
-(r -> d_ff); a shadow predictor adds no tensors (it is derived from gate_proj / up_proj).
+(r -> d_ff); a shadow predictor is derived from gate_proj / up_proj and adds at most its learned
+per-channel bias (`predictor.bias`, d_ff values).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from upcycle.kernels.reference import bank_topk_mask
-from upcycle.recipes.bank_sparse import runtime
+from upcycle.kernels.reference import bank_topk_mask, center_on_bank_threshold
+from upcycle.recipes.bank_sparse import routing, runtime
 from upcycle.recipes.bank_sparse.predictors import LowRankPredictor, ShadowPredictor
 
 
@@ -32,7 +33,9 @@ class _MaskedSwiGLU(torch.autograd.Function):
         h = s * u
         if alpha is not None:
             h = h * (2 * torch.sigmoid(alpha * z)).to(h.dtype)
-        ctx.save_for_backward(g, u, z, mask, alpha)
+        # z only serves the backward's surrogate (a learned predictor) or the sigmoid gate: a plain shadow's
+        # scores are not saved (d_ff values per token)
+        ctx.save_for_backward(g, u, z if ctx.needs_input_grad[2] or alpha is not None else None, mask, alpha)
         ctx.tau = tau
         return h * mask
 
@@ -90,19 +93,25 @@ class _FusedMaskedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g, u, a, w, b, alpha, bank_size: int, keep: int, tau: float, aux_keep: int):
+    def forward(ctx, g, u, a, w, b, alpha, bank_size: int, keep: int, tau: float, aux_keep: int, given=None,
+                sink=None):
+        # given: the mask to use (a checkpoint recomputation replays the forward's); sink: a list that receives
+        # the mask computed here (see routing.py)
         ctx.set_materialize_grads(False)
         d_ff = g.shape[-1]
         g2, u2, a2 = g.reshape(-1, d_ff), u.reshape(-1, d_ff), a.reshape(-1, a.shape[-1])
         out = torch.empty_like(g2)
-        mask = torch.ones(g2.shape, dtype=torch.bool, device=g.device)
+        if given is not None:
+            mask = given.reshape(g2.shape)
+        else:
+            mask = torch.ones(g2.shape, dtype=torch.bool, device=g.device)
         target = torch.zeros_like(mask) if aux_keep else None
         aux = torch.zeros((), dtype=torch.float32, device=g.device)
         ctx.z_dtype = a.dtype
         for rows in _row_chunks(len(g2), d_ff, g.device):
             z = F.linear(a2[rows], w, b)
             ctx.z_dtype = z.dtype  # autocast's choice; the backward recomputes z in it
-            if keep < bank_size:  # top `keep` of every bank, written straight into the saved mask
+            if keep < bank_size and given is None:  # top `keep` of every bank, written straight into the saved mask
                 _scatter_topk(mask[rows], z, bank_size, keep)
             h = F.silu(g2[rows]).mul_(u2[rows])
             if aux_keep:
@@ -113,6 +122,8 @@ class _FusedMaskedSwiGLU(torch.autograd.Function):
             torch.mul(h, mask[rows], out=out[rows])
         ctx.save_for_backward(g, u, a, w, b, mask, alpha, target)
         ctx.tau, ctx.n_elements = tau, g2.numel()
+        if sink is not None:
+            sink.append(mask)
         if not aux_keep:
             ctx.mark_non_differentiable(aux)
         return out.view(g.shape), aux / g2.numel()
@@ -172,7 +183,8 @@ class _FusedMaskedSwiGLU(torch.autograd.Function):
         return (
             dg.view(g.shape), du.view(u.shape), None if da is None else da.view(a.shape),
             None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype),
-            None if dalpha is None else dalpha.to(alpha.dtype).reshape(alpha.shape), None, None, None, None,
+            None if dalpha is None else dalpha.to(alpha.dtype).reshape(alpha.shape), None, None, None, None, None,
+            None,
         )
 
 
@@ -193,6 +205,8 @@ class BankSparseSwiGLU(nn.Module):
     """
 
     sparse_decode = True  # no-grad forwards go through `runtime.decode_forward` (fast kernels at decode shapes)
+    # torch.utils.checkpoint's context_fn: recomputations replay the forward's masks (upcycle.train passes it)
+    checkpoint_context_fn = staticmethod(routing.checkpoint_context_fn)
 
     def __init__(
         self,
@@ -208,8 +222,10 @@ class BankSparseSwiGLU(nn.Module):
         sigmoid_scale_init: float = 0.1,
         layer_idx: int | None = None,
         shadow: tuple[int, int] | None = None,
+        shadow_bias: bool = False,
     ):
-        """`rank`: a low-rank predictor; `shadow=(bits, group_size)`: a low-bit shadow of gate/up instead."""
+        """`rank`: a low-rank predictor; `shadow=(bits, group_size)`: a low-bit shadow of gate/up instead
+        (`shadow_bias`: with a learned per-channel bias on its log-score, trained on the LM path)."""
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
         self.hidden_size = gate_proj.in_features
@@ -223,7 +239,7 @@ class BankSparseSwiGLU(nn.Module):
         if shadow is not None:
             if gate_mode != "ste":
                 raise ValueError("a shadow predictor works with gate_mode='ste' only.")
-            self.predictor = ShadowPredictor(gate_proj, up_proj, *shadow)
+            self.predictor = ShadowPredictor(gate_proj, up_proj, *shadow, learned_bias=shadow_bias)
         else:
             self.predictor = LowRankPredictor(
                 self.hidden_size, self.intermediate_size, rank, dtype=w.dtype, device=w.device
@@ -272,22 +288,33 @@ class BankSparseSwiGLU(nn.Module):
         if torch.is_grad_enabled() and self.mask_fn is None and self.predictor.kind == "lowrank":
             # Training: the fused path never holds the [tokens, d_ff] logits in full (see _FusedMaskedSwiGLU).
             out = self.predictor.out_proj
+            given = routing.replayed_mask(self)  # checkpoint recomputation: the forward's routing
+            sink = [] if given is None and routing.current() is not None else None
             h, aux = _FusedMaskedSwiGLU.apply(
                 g, u, self.predictor.in_proj(x), out.weight, out.bias, self.gate_scale, self.bank_size, self.keep,
-                self.ste_temperature, self.target_keep if self.record_aux else 0,
+                self.ste_temperature, self.target_keep if self.record_aux else 0, given, sink,
             )
+            if sink:
+                routing.record_mask(self, sink[0].view(g.shape))
             if self.record_aux:
                 self.aux_loss = aux
             return self.down_proj(h)
         z = self.predictor(x)
         with torch.no_grad():
+            # under activation checkpointing the recomputation replays the forward's mask (routing.py)
             if self.mask_fn is not None:
-                mask = self.mask_fn(self, x, g, u, z)
+                mask = routing.routed_mask(self, lambda: self.mask_fn(self, x, g, u, z))
             else:
-                mask = bank_topk_mask(z, self.bank_size, self.keep)
+                mask = routing.routed_mask(self, lambda: bank_topk_mask(z, self.bank_size, self.keep))
+        shadow = self.predictor.kind == "shadow"
         if self.record_aux:
-            # A shadow has nothing to learn from the oracle BCE: it follows the FFN weights.
-            self.aux_loss = self._oracle_aux_loss(g, u, z) if z.requires_grad else z.new_zeros((), dtype=torch.float32)
+            # A shadow has nothing to learn from the oracle BCE: it follows the FFN weights (its bias learns
+            # from the LM loss).
+            learns = z.requires_grad and not shadow
+            self.aux_loss = self._oracle_aux_loss(g, u, z) if learns else z.new_zeros((), dtype=torch.float32)
+        if shadow and z.requires_grad:
+            # log-scores: the straight-through surrogate is centred on each bank's keep boundary
+            z = center_on_bank_threshold(z, self.bank_size, self.keep)
         h = _MaskedSwiGLU.apply(g, u, z, mask, self.gate_scale, self.ste_temperature)
         return self.down_proj(h)
 
