@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Each name is a module upcycle.cli.<name> with `add_parser(subparsers)` that sets `func(args) -> int`.
-COMMANDS = ("convert", "info", "train", "eval", "export", "demo")
+COMMANDS = ("convert", "info", "train", "eval", "diagnose", "repair", "export", "generate", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,9 +21,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """transformers' and datasets' own progress bars ("Writing model shards", "Generating train split") and
+    info logs would interleave with upcycle's: off unless --verbose."""
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+    # datasets is imported later (training data) and reads these at import
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not args.verbose:
+        quiet_libraries()
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as e:

@@ -29,7 +29,7 @@ from torch import nn
 from upcycle import format as fmt
 
 # Built-in recipes: name -> the package that registers it when imported.
-BUILTIN = {"bank_sparse": "upcycle.recipes.bank_sparse"}
+BUILTIN = {"bank_sparse": "upcycle.recipes.bank_sparse", "moe": "upcycle.recipes.moe", "nm": "upcycle.recipes.nm"}
 
 
 class TrainHooks:

@@ -136,3 +136,56 @@ def pretrain(model, windows: torch.Tensor, steps: int, batch_size: int = 16, lr:
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return losses
+
+
+def write_tiny_gguf(path, tokenizer=None, seed: int = 0, **config) -> Path:
+    """A tiny random Llama model as a GGUF file (f32, with a GPT-2-style BPE tokenizer inside), written with the
+    `gguf` package: what the GGUF-reading paths (the real demo, `upcycle convert --model X.gguf`) are tested on.
+    q/k are written as they are (llama.cpp's converter would permute them for its RoPE layout): the loaded model
+    is a valid random model, not the one written."""
+    import json
+    from pathlib import Path
+
+    import gguf
+
+    tok = tokenizer or train_bpe_tokenizer(stdlib_corpus(200_000), vocab_size=300)
+    cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, tie_word_embeddings=True, **config)
+    model = tiny_model("llama", seed=seed, **cfg)
+    c = model.config
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(0)  # all f32
+    vocab = tok.backend_tokenizer.get_vocab()
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
+    w.add_token_types([1] * len(vocab))
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_bos_token_id(tok.eos_token_id)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    parts = [("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+             ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+             ("post_attention_layernorm", "ffn_norm"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+             ("mlp.down_proj", "ffn_down")]
+    for i in range(c.num_hidden_layers):
+        names |= {f"model.layers.{i}.{a}.weight": f"blk.{i}.{b}.weight" for a, b in parts}
+    sd = model.state_dict()
+    for hf_name, gguf_name in names.items():
+        w.add_tensor(gguf_name, sd[hf_name].float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
