@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -85,3 +88,17 @@ def test_no_tokenizer(capsys, tmp_path, heldout_file):
     tiny_model("qwen2", vocab_size=64).save_pretrained(tmp_path / "m")
     assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(heldout_file)]) == 2
     assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_progress_bars_with_the_warnings_before_the_work(dense_dir, heldout_file):
+    # a real process: its stderr shows what a user sees, in order (pytest's log capture would take the warning)
+    argv = ["eval", "--model", dense_dir, "--data", heldout_file, "--seq-len", 4096, "--max-windows", 1,
+            "--task", "passkey", "--lengths", 512, "--samples", 2]
+    r = subprocess.run([sys.executable, "-m", "upcycle", *map(str, argv)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    err = r.stderr
+    warned = err.index("--seq-len 4096 exceeds the model's max_position_embeddings 2048")
+    assert warned < err.index("perplexity:") < err.index("tasks:")
+    assert "1/1" in err[err.index("perplexity:"):err.index("tasks:")] and "2/2" in err[err.index("tasks:"):]
+    assert "Use --seq-len <= 2048" in err and "ppl" in r.stdout and "exceeds" not in r.stdout

@@ -17,12 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a minutes-long version: shows the pipeline, with too few training tokens to show recovery")
     p.add_argument("--toy", action="store_true", help="the offline toy: a 4-layer model pretrained on the stdlib")
     p.add_argument("--no-control", dest="control", action="store_false",
-                   help="skip the matched-token control (dense model continued on the same tokens)")
+                   help="skip the matched-token control (dense model continued on the same tokens; run by default)")
     p.add_argument("--train-steps", type=int, default=None, help="continual-training steps (default: 40; toy 150)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="--toy: pretraining steps (400)")
     p.add_argument("--keep", type=int, default=None, help="--toy: channels kept per bank (16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0, help="(%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data sample, initialisation and training "
+                   "(%(default)s)")
     p.set_defaults(func=run)
 
 

@@ -42,7 +42,8 @@ def add_parser(subparsers) -> None:
                    "dense form, i.e. the same weights with dense FFNs)")
     p.add_argument("--task", default="cwe", help=f"RULER task (default cwe): {', '.join(TASKS)}; aliases "
                    f"{', '.join(ALIASES)}")
-    p.add_argument("--lengths", default="1024,2048,4096,8192", metavar="LIST", help="comma-separated lengths in tokens")
+    p.add_argument("--lengths", default="1024,2048,4096,8192", metavar="LIST",
+                   help="comma-separated lengths in tokens (%(default)s)")
     p.add_argument("--samples", type=int, default=3, help="samples per length (default 3)")
     p.add_argument("--seed", type=int, default=42, help="task generation seed (default 42, RULER's)")
     p.add_argument("--sweep", default="3", metavar="N|all", help="layers the full sweep makes dense, the screen's "
@@ -50,12 +51,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--layers", metavar="LIST", help="sweep exactly these layers (skips the screen's choice)")
     p.add_argument("--kl-positions", type=int, default=32, metavar="N", help="positions per bucket for the screen's "
                    "KL (default 32; 0: no KL)")
-    p.add_argument("--min-gap", type=float, default=0.05, help="smallest dense - sparse gap that counts as a loss")
+    p.add_argument("--min-gap", type=float, default=0.05, help="smallest dense - sparse gap that counts as a loss "
+                   "(%(default)s)")
     p.add_argument("--rank-by", default="kl", choices=("kl", "resid_rel", "rel_err", "mass_lost"),
                    help="screen metric that picks the swept layers (default kl)")
     p.add_argument("--haystack", nargs="+", metavar="PATH", help="essay text for the essay-haystack tasks")
     add_rope_arguments(p)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load the weights in (%(default)s: the checkpoint's own)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for diagnosis.json and heatmap.png")

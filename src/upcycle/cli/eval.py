@@ -43,34 +43,43 @@ examples:
 def add_parser(subparsers) -> None:
     from upcycle.eval import BASELINES
     from upcycle.eval.tasks import ALIASES, TASKS
+    from upcycle.recipes import registry
+
+    calibrated = [n for r in registry.load_all() for n in r.baselines if n in r.baselines_need_calibration]
 
     p = subparsers.add_parser(
-        "eval", help="perplexity, FFN statistics, long-context tasks, baselines", description=DESCRIPTION,
+        "eval", help="evaluate a checkpoint: perplexity, FFN statistics, long-context tasks, baselines",
+        description=DESCRIPTION,
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (upcycle or dense HF)")
     p.add_argument("--data", nargs="+", metavar="PATH", help="held-out text file(s) for perplexity")
-    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (%(default)s)")
     p.add_argument("--stride", type=int, default=None, help="window start spacing (default: seq-len)")
     p.add_argument("--max-windows", type=int, default=None, metavar="N", help="score at most N windows")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward (%(default)s)")
     p.add_argument("--reference", metavar="DIR", help="dense reference checkpoint: report KL(reference || model)")
-    p.add_argument("--baseline", metavar="NAME", help=f"apply a post-hoc baseline first: {', '.join(BASELINES)}")
-    p.add_argument("--keep", type=int, default=16, help="baseline on a dense model: channels kept per bank (16)")
-    p.add_argument("--bank-size", type=int, default=64, help="baseline on a dense model: bank size (64)")
-    p.add_argument("--calib-data", nargs="+", metavar="PATH", help="calibration text (threshold, predictor)")
-    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
-    p.add_argument("--calib-steps", type=int, default=300, help="posthoc-predictor fit steps (default 300)")
+    p.add_argument("--baseline", metavar="NAME", help="apply a training-free baseline to the model first (a sparse "
+                   f"checkpoint is evaluated as it is without one): {', '.join(BASELINES)}")
+    p.add_argument("--keep", type=int, default=16,
+                   help="baseline on a dense model: channels kept per bank (%(default)s)")
+    p.add_argument("--bank-size", type=int, default=64, help="baseline on a dense model: bank size (%(default)s)")
+    p.add_argument("--calib-data", nargs="+", metavar="PATH", help="calibration text of the calibrated baselines "
+                   f"({', '.join(calibrated)}); disjoint from --data")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="tokens of --calib-data to use (%(default)s)")
+    p.add_argument("--calib-steps", type=int, default=None, metavar="N", help="posthoc-predictor: fit steps per "
+                   "layer (default: from the layer size, as `upcycle convert --calib-steps`)")
     p.add_argument("--task", metavar="LIST", help=f"comma-separated tasks or 'all' (without --haystack: those that "
                    f"need none): {', '.join(TASKS)}; aliases {', '.join(ALIASES)}")
-    p.add_argument("--lengths", default="1024,2048,4096", metavar="LIST", help="task lengths (default 1024,2048,4096)")
-    p.add_argument("--samples", type=int, default=5, help="samples per task and length (default 5)")
-    p.add_argument("--seed", type=int, default=42, help="task generation seed (default 42, RULER's)")
+    p.add_argument("--lengths", default="1024,2048,4096", metavar="LIST", help="task lengths in tokens (%(default)s)")
+    p.add_argument("--samples", type=int, default=5, help="samples per task and length (%(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="task generation seed (%(default)s, RULER's)")
     p.add_argument("--haystack", nargs="+", metavar="PATH", help="essay text file(s) for the essay-haystack tasks "
                    "(RULER uses Paul Graham's essays)")
     add_rope_arguments(p)
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer to use (default: the checkpoint's)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load the weights in (%(default)s: the checkpoint's own)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
     p.set_defaults(func=run)
@@ -153,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         rope_scaling=args.rope_scaling,
         max_position_embeddings=args.max_position_embeddings,
+        progress=True,  # on stderr, as convert's and train's bars: stdout stays the table or the JSON
     )
     if args.json:
         json.dump(result, sys.stdout, indent=1)

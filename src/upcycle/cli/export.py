@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="DIR", help="checkpoint written by upcycle")
     p.add_argument("out", metavar="OUT", nargs="?", help="output directory (refused if it holds other files, "
                    "unless --overwrite)")
-    p.add_argument("--to", default=None, help="the format (see the list for the checkpoint's recipe)")
+    p.add_argument("--to", default=None, metavar="FORMAT",
+                   help="the format to write (without it: list the formats of the checkpoint's recipe)")
     p.add_argument("--overwrite", action="store_true", help="write OUT even if it holds other files (kept)")
     p.set_defaults(func=run)
 

@@ -42,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weight dtype (auto: as saved)")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
-                   help="int8: quantise the linear weights at load (upcycle.quantize; per-channel scales)")
+                   help="int8: quantise the linear weights at load (upcycle.quantize; per-channel scales); none: as "
+                   "loaded (%(default)s)")
     p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the checkpoint's)")

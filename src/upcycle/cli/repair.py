@@ -40,7 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, metavar="SPARSE", help="bank-sparse checkpoint")
     p.add_argument("--layer", required=True, metavar="N|auto", help="decoder layer to repair, or 'auto' (the "
                    "diagnosis' worst layer)")
-    p.add_argument("--method", required=True, choices=("keep", "refit", "dense"))
+    p.add_argument("--method", required=True, choices=("keep", "refit", "dense"),
+                   help="keep: raise the layer's keep; dense: keep every channel; refit: train the layer alone to "
+                   "match the dense output (see above)")
     p.add_argument("--keep", type=int, default=None, metavar="K", help="channels kept per bank in that layer (keep: "
                    "default twice the model's keep; refit: default unchanged)")
     p.add_argument("--diagnosis", metavar="DIR|JSON", help="upcycle diagnose's output (for --layer auto and the "
@@ -51,17 +53,19 @@ def add_parser(subparsers) -> None:
     g.add_argument("--seq-len", type=int, default=4096, help="window length of the captured activations (4096)")
     g.add_argument("--refit-tokens", type=int, default=32768, metavar="N", help="tokens captured (default 32768)")
     g.add_argument("--steps", type=int, default=300, help="refit optimisation steps (default 300)")
-    g.add_argument("--lr", type=float, default=1e-4, help="refit learning rate of the FFN weights (routing x10)")
+    g.add_argument("--lr", type=float, default=1e-4,
+                   help="refit learning rate of the FFN weights, routing x10 (%(default)s)")
     g.add_argument("--batch-tokens", type=int, default=2048, help="tokens per refit step (default 2048)")
     e = p.add_argument_group("evaluation before / after")
     e.add_argument("--task", default=None, help="RULER task (default: the diagnosis's)")
-    e.add_argument("--lengths", default=None, metavar="LIST", help="lengths (default: the diagnosis's)")
+    e.add_argument("--lengths", default=None, metavar="LIST", help="task lengths in tokens (default: the diagnosis's)")
     e.add_argument("--samples", type=int, default=None, help="samples per length (default: the diagnosis's, else 3)")
     e.add_argument("--seed", type=int, default=None, help="task seed (default: the diagnosis's, else 42)")
     e.add_argument("--haystack", nargs="+", metavar="PATH", help="essay text for the essay-haystack tasks")
     e.add_argument("--no-eval", action="store_true", help="skip the before / after scores")
     add_rope_arguments(p)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load the weights in (%(default)s: the checkpoint's own)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--out", required=True, metavar="DIR", help="the repaired checkpoint")

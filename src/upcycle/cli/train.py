@@ -11,7 +11,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "train",
-        help="continual training of a bank-sparse model (single process, or many under torchrun)",
+        help="continual training of a converted (or dense) model (single process, or many under torchrun)",
         description="Continual training: LM loss + distillation from the dense parent, sparsity and LR "
         "schedules, checkpoints every --save-every steps and on Ctrl-C (continue with --resume). "
         "Many GPUs: torchrun --nproc-per-node N -m upcycle train ...",

@@ -44,6 +44,19 @@ def windows(n_tokens: int, seq_len: int, stride: int | None = None, max_windows:
     return out
 
 
+def check_positions(model: nn.Module, seq_len: int) -> None:
+    """Warn when windows of `seq_len` tokens exceed the model's positions and its RoPE is not scaled: the tokens
+    past the limit measure extrapolation, not the model."""
+    from upcycle.eval.tasks import rope_scaled
+
+    config = getattr(model, "config", None)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos and not rope_scaled(config):
+        log.warning("--seq-len %d exceeds the model's max_position_embeddings %d: the positions past it are "
+                    "extrapolated and inflate the perplexity. Use --seq-len <= %d, or extend the positions with "
+                    "--rope-scaling.", seq_len, max_pos, max_pos)
+
+
 def _hidden(model: nn.Module, ids: Tensor):
     """(last hidden states [B, L, d], lm head) so logits can be made a chunk of positions at a time;
     (full logits, None) for models without the standard HF decoder/head accessors."""
@@ -71,17 +84,21 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 1,
     reference: nn.Module | None = None,
+    progress: bool = False,
+    warn: bool = True,
 ) -> dict:
     """Perplexity of `model` on the 1-D token ids `ids`; with `reference`, mean KL(reference || model).
 
     Returns {"ppl", "nll_mean", "tokens_total", "tokens_scored", "windows", "seq_len", "stride"} and,
-    with a reference, "kl_ref" (nats per scored token, over the full vocabulary).
+    with a reference, "kl_ref" (nats per scored token, over the full vocabulary). `progress`: a bar over the
+    windows; `warn=False`: the caller ran `check_positions` already (before its other work).
     """
+    from tqdm.auto import tqdm
+
     stride = stride or seq_len
     ids = ids.reshape(-1)
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        log.warning("seq_len %d exceeds the model's max_position_embeddings %d", seq_len, max_pos)
+    if warn:
+        check_positions(model, seq_len)
     wins = windows(len(ids), seq_len, stride, max_windows)
     if not wins:
         raise ValueError(f"the data has {len(ids)} token(s): at least 2 are needed to score one.")
@@ -92,6 +109,7 @@ def perplexity(
             groups[-1].append(w)
         else:
             groups.append([w])
+    bar = tqdm(total=len(wins), desc="perplexity", unit="window", disable=not progress)
     for group in groups:
         size = group[0][1] - group[0][0]
         batch = torch.stack([ids[b:e] for b, e, _ in group])
@@ -111,6 +129,8 @@ def perplexity(
                 ref = _chunk_logprobs(ref_hidden, ref_head, s, e)
                 kl = (ref.exp() * (ref - logp)).sum(-1)
                 kl_sum += float(kl[m].double().sum())
+        bar.update(len(group))
+    bar.close()
     nll_mean = nll_sum / scored
     out = {
         "ppl": math.exp(nll_mean),

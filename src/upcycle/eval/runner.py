@@ -12,7 +12,7 @@ from torch import nn
 
 from upcycle import hf
 from upcycle.data import load_tokenizer, read_text, tokenize
-from upcycle.eval.perplexity import perplexity
+from upcycle.eval.perplexity import check_positions, perplexity
 from upcycle.eval.stats import stats_for
 from upcycle.eval.tasks import run as run_tasks
 from upcycle.recipes import registry
@@ -64,7 +64,7 @@ def evaluate(
     bank_size: int = 64,
     calib_data: PathLike | Sequence[PathLike] | None = None,
     calib_tokens: int = 16384,
-    calib_steps: int = 300,
+    calib_steps: int | None = None,
     tasks: Sequence[str] | None = None,
     lengths: Sequence[int] = (1024, 2048, 4096),
     samples: int = 5,
@@ -75,6 +75,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     rope_scaling: dict | None = None,
     max_position_embeddings: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Perplexity (`data`) and/or long-context tasks (`tasks`) of `model`, with per-layer FFN statistics.
 
@@ -82,7 +83,8 @@ def evaluate(
     model object pass `tokenizer` (an object or a path). `baseline` applies a post-hoc recipe first
     (any recipe's, by name: `upcycle.eval.BASELINES`; the calibrated ones need `calib_data`). Returns a JSON-ready dict
     with at least "ppl" (None without `data`) and "ffn_density". `rope_scaling` / `max_position_embeddings`
-    extend the model's positions (and the reference's) for long tasks.
+    extend the model's positions (and the reference's) for long tasks. `progress`: bars over the windows and the
+    task samples (`upcycle eval` shows them); warnings about the settings come first, before any of the work.
     """
     import upcycle
 
@@ -100,6 +102,9 @@ def evaluate(
             raise ValueError("a model object needs its tokenizer: pass tokenizer= (an object or a path).")
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     hf.set_rope(model, None, rope_scaling, max_position_embeddings)
+    # the settings' checks and warnings first: not minutes later, after the work, under the table
+    if data is not None:
+        check_positions(model, seq_len)
     if task_names:
         from upcycle.eval.tasks import check_lengths
 
@@ -117,7 +122,8 @@ def evaluate(
             }:
                 log.warning("calibration and evaluation text overlap: the baseline is calibrated on its test data")
             calib = _calibration_ids(_list(calib_data), tok, calib_tokens, seq_len)
-        recipe.apply_baseline(model, canon, {"bank_size": bank_size, "keep": keep, "calib_steps": calib_steps}, calib)
+        options = {"bank_size": bank_size, "keep": keep, "calib_steps": calib_steps}
+        recipe.apply_baseline(model, canon, options, calib, progress=progress)
     ref_name = None
     if isinstance(reference, (str, os.PathLike)):
         ref_name = str(reference)
@@ -131,7 +137,7 @@ def evaluate(
         files = _list(data)
         ids = tokenize(tok, read_text(files))
         with stats_for(model) as st:
-            ppl = perplexity(model, ids, seq_len, stride, max_windows, batch_size, reference)
+            ppl = perplexity(model, ids, seq_len, stride, max_windows, batch_size, reference, progress, warn=False)
         stats = st.summary()
         out.update(ppl=ppl["ppl"], ffn_density=stats["ffn_density"], kl_ref=ppl.get("kl_ref"))
         out["perplexity"] = {**ppl, "data": [str(p) for p in files], "tokenization": "whole text, default specials"}
@@ -139,7 +145,7 @@ def evaluate(
         out["stats"] = stats
     if task_names:
         hay = read_text(_list(haystack)) if haystack else None
-        res = run_tasks(model, tok, task_names, lengths, n=samples, seed=seed, haystack=hay)
+        res = run_tasks(model, tok, task_names, lengths, n=samples, seed=seed, haystack=hay, progress=progress)
         out["tasks"] = {t: {str(n): r for n, r in by_len.items()} for t, by_len in res.items()}
         if data is None:
             out["ffn_density"] = _weighted([r for by_len in res.values() for r in by_len.values()], "ffn_density")

@@ -173,30 +173,43 @@ def run(
     stats: bool = True,
     max_new_tokens: int | None = None,
     on_result: Callable[[RulerSample, str, float], None] | None = None,
+    progress: bool = False,
 ) -> dict:
     """{task: {length: {"score", "ruler_score", "exact_match", "nulls", "n", "sample_scores", "prompt_tokens",
     and with stats: "ffn_density", "recall", "mass_kept", "tokens", "layers"}}} over `n` samples per
     (task, length), greedy decoding. Tasks are reported under the names given (aliases included).
 
     The statistics cover every token the model ran on for that (task, length): prompts and generated tokens.
+    `progress`: a bar over the samples (greedy decoding at long lengths is the slow part).
     """
+    from tqdm.auto import tqdm
+
     from upcycle.eval.stats import stats_for
 
     check_lengths(model, lengths)
     gen = hf_generate_fn(model, tokenizer)
+    bar = tqdm(total=len(tasks) * len(lengths) * n, desc="tasks", unit="sample", disable=not progress)
+
+    def done(sample: RulerSample, pred: str, value: float) -> None:
+        bar.update(1)
+        if on_result is not None:
+            on_result(sample, pred, value)
+
     out: dict = {}
     for task in tasks:
         resolve(task)
         out[task] = {}
         for length in lengths:
+            bar.set_postfix(task=task, length=length)
             samples = generate(task, tokenizer, length, n, seed, haystack, max_new_tokens)
             if stats:
                 with stats_for(model) as st:
-                    res = evaluate(gen, samples, on_result)
+                    res = evaluate(gen, samples, done)
                 summary = st.summary()
                 res.update({k: summary.get(k) for k in ("ffn_density", "recall", "mass_kept", "tokens", "layers")})
             else:
-                res = evaluate(gen, samples, on_result)
+                res = evaluate(gen, samples, done)
             res["prompt_tokens"] = sum(s.prompt_tokens + special_tokens(tokenizer) for s in samples) / len(samples)
             out[task][length] = res
+    bar.close()
     return out

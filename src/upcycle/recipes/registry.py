@@ -43,6 +43,9 @@ class TrainHooks:
 
     # extra optimizer groups: name -> {"lr_mult": float, "weight_decay": float}
     param_groups: Mapping[str, Mapping[str, float]] = {}
+    # the run's optimizer steps (set by the trainer before any hook runs): schedules that default to a
+    # fraction of the run read it
+    total_steps: int | None = None
 
     def param_group(self, name: str) -> str | None:
         """The extra group parameter `name` joins, or None for the default decay / no-decay groups."""
@@ -114,7 +117,8 @@ class Recipe:
     baselines: Mapping[str, str] = field(default_factory=dict)  # name -> one-line description
     baseline_aliases: Mapping[str, str] = field(default_factory=dict)  # e.g. "oracle" -> "posthoc-magnitude"
     baselines_need_calibration: frozenset[str] = frozenset()
-    apply_baseline: Callable[..., nn.Module] | None = None  # (model, name, options: dict, calibration_ids)
+    # (model, name, options: dict, calibration_ids, progress=False): progress shows bars over the calibration
+    apply_baseline: Callable[..., nn.Module] | None = None
     exporters: Mapping[str, Callable[..., Path]] = field(default_factory=dict)
     describe: Callable[[nn.Module], dict] | None = None
     # eval: a context manager `stats(model)` with `.summary()` measuring what the model computes while open

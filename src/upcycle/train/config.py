@@ -325,7 +325,8 @@ def add_config_arguments(parser) -> None:
     for name, f in _fields(TrainConfig).items():
         tp = _base_type(_hints(TrainConfig)[name])
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        text = f.metadata.get("help", "") + ("" if default in (None, [], {}) or tp is bool else f" [{default}]")
+        shown = not (default is None or default is False or default in ([], {}))  # False: the flag's absence
+        text = f.metadata.get("help", "") + (f" ({default})" if shown else "")
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if name == "recipe":
             kw.update(metavar="NAME", choices=registry.names())

@@ -194,6 +194,8 @@ class _Trainer:
 
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.data = build_data(cfg, self.tokenizer, env.is_main, env.barrier)
+        if env.is_main:
+            self._warn_repeated_data()
 
         student, self.saved_dtype = build_student(cfg)
         self.recipe = registry.for_model(student)
@@ -261,6 +263,17 @@ class _Trainer:
             mem = f", {t['device_bytes'] / 2**30:.2f} GiB on {env.device}" if t["device_bytes"] is not None else ""
             log.info("teacher: %s, %s, %.2f GiB of weights%s, no gradients", t["path"], t["dtype"],
                      t["param_bytes"] / 2**30, mem)
+
+    def _warn_repeated_data(self) -> None:
+        """A run that consumes more sequences than the data holds repeats it (reshuffled each epoch): say so
+        before training, since a small file otherwise trains many epochs without a word."""
+        cfg, n = self.cfg, len(self.data.train_idx)
+        consumed = cfg.steps * self.global_batch
+        if consumed > n:
+            log.warning("the run consumes %d sequences (--steps %d x %d sequences per step) but the data holds %d "
+                        "training sequences of %d tokens: it will make %.1f epochs over the same data. Add data, or "
+                        "lower --steps (%d steps make one epoch).", consumed, cfg.steps, self.global_batch, n,
+                        cfg.seq_len, consumed / n, max(1, n // self.global_batch))
 
     @property
     def global_batch(self) -> int:

@@ -118,7 +118,9 @@ def train_hooks(model: nn.Module, cfg) -> registry.TrainHooks:
         if options is not None:
             log.warning("recipe options %s have no effect on a dense model", sorted(cfg.recipe))
         return registry.TrainHooks()
-    return recipe.train_hooks(model, options)
+    hooks = recipe.train_hooks(model, options)
+    hooks.total_steps = cfg.steps
+    return hooks
 
 
 def build_teacher(cfg, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str]:

@@ -112,3 +112,19 @@ def test_recall_of_a_perfect_predictor_is_one():
     assert predictor_recall(m, x) < 1.0
     m.predictor.forward = lambda inp: (m.act_fn(m.gate_proj(inp)) * m.up_proj(inp)).abs()
     assert predictor_recall(m, x) == 1.0
+
+
+@pytest.mark.parametrize("steps", [None, 3])
+def test_calibration_steps_scale_with_the_layer_unless_given_and_the_bar_counts_them(steps, capsys):
+    from upcycle.recipes.bank_sparse.config import default_calibrate_steps
+    from upcycle.recipes.bank_sparse.convert import saved_config
+
+    model = tiny_model(vocab_size=512)  # 2 layers, intermediate_size 256
+    ids = torch.randint(0, 512, (4, 32))
+    upcycle.convert(model, upcycle.BankSparseConfig(predictor_init="calibrate", calibrate_steps=steps),
+                    calibration_ids=ids)
+    ran = default_calibrate_steps(256) if steps is None else steps
+    assert ran == (64 if steps is None else 3)  # a tiny layer: far fewer than a real LLM's 300
+    err = capsys.readouterr().err
+    assert "calibrate" in err and f"{2 * ran}/{2 * ran}" in err and "step" in err  # fit steps of both layers
+    assert saved_config(model).calibrate_steps == ran  # the checkpoint records what ran

@@ -143,7 +143,7 @@ def apply(
                           calibration_ids, progress)
         if already:  # converted before: refit the predictors in place on this model's own FFN inputs
             for m, x in zip(modules, capture_ffn_inputs(model, modules, calibration_ids, progress), strict=True):
-                fit_predictor(m, x, steps=config.calibrate_steps, lr=config.calibrate_lr)
+                fit_predictor(m, x, steps=config.calibrate_steps_for(m.intermediate_size), lr=config.calibrate_lr)
         for m in modules:
             m.mask_fn = None
     elif name == "posthoc-svd":
@@ -178,5 +178,5 @@ def apply_options(model: nn.Module, name: str, options: dict, calibration_ids: T
                   progress: bool = False) -> nn.Module:
     """`apply` with the sparsity as plain options (`upcycle eval --baseline NAME --keep K --bank-size B`)."""
     config = BankSparseConfig(bank_size=options.get("bank_size", 64), keep=options.get("keep", 16),
-                              calibrate_steps=options.get("calib_steps", 300))
+                              calibrate_steps=options.get("calib_steps"))
     return apply(model, name, config, calibration_ids, progress)

@@ -7,7 +7,7 @@ import logging
 
 from torch import nn
 
-from upcycle.recipes.bank_sparse.config import BankSparseConfig
+from upcycle.recipes.bank_sparse.config import CALIBRATE_STEPS_MAX, CALIBRATE_STEPS_MIN, BankSparseConfig
 from upcycle.recipes.bank_sparse.training import CONVERT_FLAGS, BankSparseTraining
 
 log = logging.getLogger("upcycle")
@@ -35,11 +35,13 @@ def add_convert_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--rank", type=int, default=None, help="pin the low-rank predictor's rank (implies lowrank)")
     g.add_argument("--shadow-bits", type=int, default=None, help="pin the shadow's bits (2-8)")
     g.add_argument("--shadow-bias", action=argparse.BooleanOptionalAction, default=d.shadow_bias,
-                   help="a shadow's learned per-channel bias on its log-score, trained by the LM loss (on by "
-                   "default; --no-shadow-bias: the pure shadow, no routing parameter)")
+                   help="a shadow's learned per-channel bias on its log-score, trained by the LM loss "
+                   "(--no-shadow-bias: the pure shadow, no routing parameter) (%(default)s)")
     g.add_argument("--init", choices=["svd", "calibrate", "random"], default=None,
                    help="low-rank predictor init (default: calibrate with --data, else svd)")
-    g.add_argument("--gate-mode", choices=["ste", "sigmoid"], default=d.gate_mode, help="(%(default)s)")
+    g.add_argument("--gate-mode", choices=["ste", "sigmoid"], default=d.gate_mode,
+                   help="ste: a hard 0/1 gate on the kept channels (sigmoid surrogate in the backward); sigmoid: a "
+                   "soft gate 2 * sigmoid(alpha * logits), near dense at the start (%(default)s)")
     g.add_argument("--layers", default=None, help="comma-separated layer indices to convert (default all)")
     g.add_argument("--keep-per-layer", default=None, help="overrides, e.g. 0=64,27=32 (64 = dense layer)")
     g.add_argument("--keep-allocation", choices=["uniform", "mass"], default=d.keep_allocation,
@@ -48,8 +50,10 @@ def add_convert_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--data", nargs="+", default=None, help="text files/dirs for calibration and the recall report")
     g.add_argument("--calib-tokens", type=int, default=32768, help="tokens of --data to use (%(default)s)")
     g.add_argument("--seq-len", type=int, default=256, help="calibration window length (%(default)s)")
-    g.add_argument("--calib-steps", type=int, default=d.calibrate_steps,
-                   help="optimisation steps of the calibrated predictor fit (%(default)s)")
+    g.add_argument("--calib-steps", type=int, default=d.calibrate_steps, metavar="N",
+                   help="optimisation steps per layer of the calibrated predictor fit (default: from the layer "
+                   f"size, intermediate_size // 4 within [{CALIBRATE_STEPS_MIN}, {CALIBRATE_STEPS_MAX}]: "
+                   f"{CALIBRATE_STEPS_MAX} for real LLMs, fewer for tiny models)")
 
 
 def config_from_args(args: argparse.Namespace) -> BankSparseConfig:
@@ -99,9 +103,9 @@ def convert_from_args(args: argparse.Namespace, config: BankSparseConfig, model:
 def _train_flag(name: str) -> dict:
     f = BankSparseTraining.__dataclass_fields__[name]
     tp = {"keep_warmup_steps": int, "aux_steps": int}.get(name, float)
-    kw: dict = {"type": tp, "help": f"{f.metadata['help']} [{f.default}]"}
+    kw: dict = {"type": tp, "help": f"{f.metadata['help']} ({f.default})"}
     if name == "keep_schedule":
-        kw = {"type": str, "choices": ("linear", "cosine"), "help": f"{f.metadata['help']} [{f.default}]"}
+        kw = {"type": str, "choices": ("linear", "cosine"), "help": f"{f.metadata['help']} ({f.default})"}
     return kw
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +82,15 @@ def convert(
     spec = config.predictor_spec(dense0.gate_proj.in_features, d_ff)
     lowrank = spec["predictor"] == "lowrank"
     captured = None
-    if config.predictor_init == "calibrate" and lowrank:
+    calibrate = config.predictor_init == "calibrate" and lowrank
+    if calibrate:
         captured = capture_ffn_inputs(model, [by_layer[i][1] for i in layers], calibration_ids, progress)
-
-    for i in tqdm(layers, desc="convert", disable=not progress):
+        config = dataclasses.replace(config, calibrate_steps=config.calibrate_steps_for(d_ff))  # saved as run
+        log.info("predictor fit: %d steps per layer (calibrate_steps; CLI --calib-steps)", config.calibrate_steps)
+    # calibrating, the fit's steps are the work: one bar over them instead of one over the layers
+    fit_bar = tqdm(total=len(layers) * config.calibrate_steps if calibrate else 0, desc="calibrate", unit="step",
+                   disable=not (progress and calibrate))
+    for i in tqdm(layers, desc="convert", disable=not progress or calibrate):
         name, dense = by_layer[i]
         sparse = BankSparseSwiGLU(
             dense.gate_proj,
@@ -104,9 +110,11 @@ def convert(
         if lowrank and config.predictor_init in ("svd", "calibrate"):
             init_predictor_svd(sparse)
         if lowrank and config.predictor_init == "calibrate":
-            x = captured.pop(0)
-            fit_predictor(sparse, x, steps=config.calibrate_steps, lr=config.calibrate_lr)
+            fit_bar.set_postfix(layer=i, refresh=False)
+            fit_predictor(sparse, captured.pop(0), steps=config.calibrate_steps, lr=config.calibrate_lr,
+                          on_step=fit_bar.update)
         hf.replace_module(model, name, sparse)
+    fit_bar.close()
 
     if hasattr(model, "config"):
         hf_models.attach(model)  # first: the metadata goes on the model's own config, never a shared one
@@ -263,13 +271,14 @@ def oracle_scores(m: BankSparseSwiGLU, x: Tensor) -> Tensor:
 
 
 def fit_predictor(
-    m: BankSparseSwiGLU, x: Tensor, steps: int = 300, lr: float = 1e-2, batch: int = 1024, seed: int = 0
+    m: BankSparseSwiGLU, x: Tensor, steps: int = 300, lr: float = 1e-2, batch: int = 1024, seed: int = 0,
+    on_step: Callable[[int], object] | None = None,
 ) -> None:
     """Fit the predictor (LM frozen) so each bank's top `keep` logits match the top `keep` of |h|.
 
     Loss: in-bank softmax cross-entropy toward the oracle top-k set (a listwise ranking loss) plus
     BCE on the oracle mask. The listwise term cares only about order within a bank, which is all
-    the mask uses.
+    the mask uses. `on_step(1)` is called after every step (a progress bar's `update`).
     """
     gen = torch.Generator().manual_seed(seed)
     pred = m.predictor
@@ -292,6 +301,8 @@ def fit_predictor(
         loss.backward()
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(1)
     with torch.no_grad():
         for n, p in pred.named_parameters():
             p.copy_(params[n].to(dtype))

@@ -44,10 +44,10 @@ CONVERT_FLAGS: dict[str, dict] = {
     "bank_size": {"type": int, "help": "convert a dense --model with this bank size (needs --keep)"},
     "keep": {"type": int, "help": "channels kept per bank when converting a dense --model"},
     "predictor_budget": {"type": float, "help": "predictor bytes per token / dense FFN bytes, when converting "
-                         "(see convert) [0.1]"},
+                         "(see convert) (0.1)"},
     "predictor_rank": {"type": int, "help": "pin a low-rank predictor of this rank when converting"},
     "gate_mode": {"type": str, "choices": ("ste", "sigmoid"), "help": "gate when converting: ste (hard 0/1) or "
-                  "sigmoid [ste]"},
+                  "sigmoid (ste)"},
 }
 
 

@@ -121,7 +121,7 @@ def _train_flag(name: str) -> dict:
     f = MoETraining.__dataclass_fields__[name]
     tp = int if name == "dead_expert_steps" else float
     default = "the checkpoint's" if f.default is None else f.default
-    return {"type": tp, "help": f"{f.metadata['help']} [{default}]"}
+    return {"type": tp, "help": f"{f.metadata['help']} ({default})"}
 
 
 TRAIN_FLAGS = {**CONVERT_FLAGS, **{n: _train_flag(n) for n in MoETraining.__dataclass_fields__}}

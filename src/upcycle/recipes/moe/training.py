@@ -66,8 +66,8 @@ class MoETraining:
 # Flags of `upcycle train` that convert a dense --model on the fly (other fields: the YAML `recipe:` section).
 CONVERT_FLAGS: dict[str, dict] = {
     "num_experts": {"type": int, "help": "convert a dense --model into MoE with this many routed experts per layer "
-                    "(the other MoEUpcycleConfig fields: YAML recipe section) [8]"},
-    "top_k": {"type": int, "help": "experts per token when converting a dense --model [2]"},
+                    "(the other MoEUpcycleConfig fields: YAML recipe section) (8)"},
+    "top_k": {"type": int, "help": "experts per token when converting a dense --model (2)"},
 }
 
 

@@ -96,9 +96,9 @@ def convert_from_args(args: argparse.Namespace, config: NMSparseConfig, model: n
 def _option_flag(name: str) -> dict:
     f = NMSparseTraining.__dataclass_fields__[name]
     if f.type in ("bool", bool):
-        return {"type": str, "choices": ("true", "false"), "help": f"{f.metadata['help']} [{str(f.default).lower()}]"}
+        return {"type": str, "choices": ("true", "false"), "help": f"{f.metadata['help']} ({str(f.default).lower()})"}
     tp = {"cast_ramp_steps": int, "mask_refresh_every": int}.get(name, float)
-    return {"type": tp, "help": f"{f.metadata['help']} [{f.default}]"}
+    return {"type": tp, "help": f.metadata["help"] + ("" if f.default is None else f" ({f.default})")}
 
 
 # `upcycle train`: `--method`/`--targets` convert a dense --model on the fly (magnitude, cast, srste);
@@ -106,6 +106,6 @@ def _option_flag(name: str) -> dict:
 CONVERT_FLAGS: dict[str, dict] = {
     "method": {"type": str, "choices": METHODS, "help": "convert a dense --model with this N:M method (2:4; cast or "
                "srste train sparsity-aware, magnitude fine-tunes with a fixed mask)"},
-    "targets": {"type": str, "help": "when converting: ffn, attention or linear names, comma-separated [ffn]"},
+    "targets": {"type": str, "help": "when converting: ffn, attention or linear names, comma-separated (ffn)"},
 }
 TRAIN_FLAGS = {**CONVERT_FLAGS, **{n: _option_flag(n) for n in NMSparseTraining.__dataclass_fields__}}

@@ -65,8 +65,10 @@ class NMSparseTraining:
 
     cast_decay: float = _f(1e-4, "CAST: lambda of AdamS's L1 pull on to-be-pruned weights (of the order of the "
                            "gradients' scale)")
-    cast_ramp_steps: int = _f(1000, "CAST: the pull's weight a_t = t / this rises to 1 over this many steps (set it "
-                              "to --steps)")
+    # default half the run: the second half trains at the full pull, so the final hard prune removes weights the
+    # decay has already taken to ~0 (a ramp longer than the run leaves them partly decayed)
+    cast_ramp_steps: int | None = _f(None, "CAST: the pull's weight a_t = t / this rises to 1 over this many steps "
+                                     "(default: half of --steps)")
     mask_refresh_every: int = _f(10, "CAST: recompute the N:M mask by magnitude every this many steps")
     weight_scaling: bool = _f(True, "CAST: learn a scale per (row, half of the columns), folded in at the end")
     scale_lr_mult: float = _f(1.0, "CAST: LR multiplier of the weight scales")
@@ -78,7 +80,7 @@ class NMSparseTraining:
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v} (--{name.replace('_', '-')}).")
         for name in ("cast_ramp_steps", "mask_refresh_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)} (--{name.replace('_', '-')}).")
 
 
@@ -188,16 +190,21 @@ class NMHooks(TrainHooks):
             raise ValueError(f"N:M {self.mode}: {found} of the {len(weights)} targeted weights are trainable; the "
                              "targeted linears must train (drop --train-only, or target what trains).")
         o = self.options
-        self.opt = AdamS(spec, betas=betas, decay=o.cast_decay, ramp_steps=o.cast_ramp_steps,
+        self.opt = AdamS(spec, betas=betas, decay=o.cast_decay, ramp_steps=self.ramp_steps,
                          srste_lambda=o.srste_lambda)
         return self.opt
+
+    @property
+    def ramp_steps(self) -> int:
+        """CAST's T in a_t = t / T: the option, else half of the run (1000 when the run length is unknown)."""
+        return self.options.cast_ramp_steps or max(1, (self.total_steps or 2000) // 2)
 
     def before_step(self, step: int) -> dict[str, float]:
         self.step_now = step
         if self.mode == "cast":
             if self.opt is not None and step % self.options.mask_refresh_every == 0:
                 self.opt.refresh_masks()
-            return {"nm_decay_a": min(1.0, (step + 1) / self.options.cast_ramp_steps)}
+            return {"nm_decay_a": min(1.0, (step + 1) / self.ramp_steps)}
         if self.mode == "fixed" and self.fixed_masks is None:
             # read the mask from the zeros, on whatever this process holds of each weight (its rows under FSDP2)
             with torch.no_grad():
@@ -240,11 +247,10 @@ class NMHooks(TrainHooks):
             hard_prune_(lin.weight, self.n, self.m)
 
     def on_train_end(self, out: Path, metrics: list[dict]) -> None:
-        if self.mode == "cast" and metrics and metrics[-1].get("step", 0) < self.options.cast_ramp_steps:
+        if self.mode == "cast" and metrics and metrics[-1].get("step", 0) < self.ramp_steps:
             log.warning("CAST ended at step %d with the decay ramp at a=%.2f (--cast-ramp-steps %d > --steps): the "
                         "final hard prune removed weights that were only partly decayed; set --cast-ramp-steps to "
-                        "--steps.", metrics[-1]["step"], metrics[-1]["step"] / self.options.cast_ramp_steps,
-                        self.options.cast_ramp_steps)
+                        "--steps.", metrics[-1]["step"], metrics[-1]["step"] / self.ramp_steps, self.ramp_steps)
 
 
 def train_hooks(model: nn.Module, options: NMSparseTraining | None) -> NMHooks:
