@@ -14,6 +14,7 @@ the same tokens with the same distillation: `--dense`), at 0 tokens and every --
     python bench/routing.py run --name pure-shadow --convert "--no-shadow-bias"  # the shadow without learned bias
     python bench/routing.py run --name budget-0.2 --convert "--predictor-budget 0.2"
     python bench/routing.py run --name keep-warmup --train "--keep-warmup-steps 60"
+    python bench/routing.py run --name posthoc-predictor --steps 0 --convert "--predictor lowrank --init calibrate"
     python bench/routing.py report
 
 Writes bench/results/routing.json, .md and .png (one row per --name; a rerun replaces its row).
@@ -83,7 +84,7 @@ def run(args) -> None:
     p = argparse.ArgumentParser()
     add_config_arguments(p)
     flags = ["--model", str(model_dir), "--data", str(train_dir), "--out", str(run_dir / "train"), "--steps",
-             str(args.steps), "--seq-len", "256", "--batch-size", "2", "--eval-every", str(args.eval_every),
+             str(max(1, args.steps)), "--seq-len", "256", "--batch-size", "2", "--eval-every", str(args.eval_every),
              "--save-every", "0", "--no-tensorboard"] + (["--num-threads", str(args.threads)] if args.threads else [])
     cfg = config_from_args(p.parse_args(flags + shlex.split(args.train)))
     assert isinstance(cfg, TrainConfig)
@@ -103,8 +104,13 @@ def run(args) -> None:
 
     on_eval(0, upcycle.load(model_dir))
     t_train[0] = time.perf_counter()
-    result = train(cfg, on_step=lambda s, r: step_times.append(TOKENS_PER_STEP / r["tokens_per_s"]),
-                   on_eval=on_eval)
+    if args.steps == 0:  # a post-hoc row: the converted model as it is (one-shot pruning, a fitted predictor)
+        if args.dense:
+            sys.exit("--steps 0 --dense is the dense parent itself: every row's step-0 point already has it")
+        result = argparse.Namespace(model_dir=model_dir, step=0)
+    else:
+        result = train(cfg, on_step=lambda s, r: step_times.append(TOKENS_PER_STEP / r["tokens_per_s"]),
+                       on_eval=on_eval)
     train_s = time.perf_counter() - t_train[0]
     if result.model_dir is None:
         sys.exit(f"training stopped at step {result.step} (interrupted): no row written")
@@ -122,7 +128,8 @@ def run(args) -> None:
            f"{pred.kind} ({pred.extra_repr() or f'rank {pred.rank}'})",
            "predictor_bytes": predictor_bytes_fraction(model) if sparse else 0.0,
            "routing_params": sum(p.numel() for n, p in model.named_parameters() if is_predictor_param(n)),
-           "step_s_median": sorted(step_times)[len(step_times) // 2], "convert_s": convert_s, "train_s": train_s,
+           "step_s_median": sorted(step_times)[len(step_times) // 2] if step_times else None,
+           "convert_s": convert_s, "train_s": train_s,
            "convert_flags": args.convert, "train_flags": args.train, "control": args.control,
            "command": machine_record("cpu", script=__file__)["command"]}
     print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--toy", action="store_true", help="the offline toy: a 4-layer model pretrained on the stdlib")
     p.add_argument("--no-control", dest="control", action="store_false",
                    help="skip the matched-token control (dense model continued on the same tokens; run by default)")
-    p.add_argument("--train-steps", type=int, default=None, help="continual-training steps (default: 40; toy 150)")
+    p.add_argument("--train-steps", type=int, default=None, help="continual-training steps (default: 30; toy 150)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="--toy: pretraining steps (400)")
     p.add_argument("--keep", type=int, default=None, help="--toy: channels kept per bank (16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -52,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         s = report["samples"]
         print(f"\nprompt:\n{s['prompt']}\n--- dense parent:\n{s['dense']}\n--- sparse (upcycled):\n{s['sparse']}\n")
-        if args.quick:
-            print("(--quick trains on too few tokens to show recovery: its numbers show the pipeline, not the recipe)")
+    if args.quick:
+        print(f"--quick: {cfg.train_steps} training steps. It shows the pipeline end to end (convert, train, eval, "
+              "decode, report), not the recipe: too few tokens for the sparse model to recover, so its perplexity, "
+              "its ratio to the control and the samples say nothing about quality. Run without --quick for that.")
     print(f"report: {args.out}/report.json, {args.out}/report.md, plot: {args.out}/report.png  "
           f"({report['seconds']:.0f} s)")
     return 0

@@ -32,3 +32,27 @@ def test_demo_cli_flags_parse():
 
     args = build_parser().parse_args(["demo", "--out", "x", "--quick", "--no-control", "--train-steps", "7"])
     assert args.quick and not args.control and args.train_steps == 7
+
+
+def test_toy_quick_cli_path(tmp_path, monkeypatch, capsys):
+    """`upcycle demo --toy --quick` through the CLI, with the quick config shrunk to test size (the real quick
+    config's minutes are measured by hand, see README)."""
+    from upcycle.cli import main
+    from upcycle.recipes.bank_sparse import demo
+
+    tiny = dict(train_bytes=150_000, heldout_bytes=40_000, vocab_size=300, hidden_size=64, intermediate_size=128,
+                num_layers=2, seq_len=64, pretrain_steps=4, batch_size=4, calib_tokens=512, calib_steps=5,
+                train_steps=3, eval_windows=2, curve_points=1)
+    calls = []
+
+    def quick(out="demo"):
+        calls.append(out)
+        return demo.DemoConfig(out=out, **tiny)
+
+    monkeypatch.setattr(demo.DemoConfig, "quick", staticmethod(quick))
+    out = tmp_path / "demo"
+    assert main(["demo", "--toy", "--quick", "--out", str(out)]) == 0
+    assert calls == [str(out)]
+    saved = json.loads((out / "report.json").read_text())
+    assert {r["method"] for r in saved["rows"]} >= {"dense", "upcycled", "dense-continued"}
+    assert "upcycled" in capsys.readouterr().out

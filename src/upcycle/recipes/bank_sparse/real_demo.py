@@ -50,7 +50,7 @@ REPORT_SCHEMA = {
 class RealDemoConfig:
     out: str = "demo"
     seed: int = 0
-    train_steps: int = 40
+    train_steps: int = 30
     seq_len: int = 256
     batch_size: int = 2
     lr: float = 2e-4
