@@ -282,13 +282,15 @@ def format_table(report: dict) -> str:
     parent = rows[0]
     control = next((r for r in rows if "control" in r["method"]), None)
     head = (f"{'method':<36} {'tokens':>7} {'in-domain ppl':>14} {'x parent':>9} {'x control':>10} "
-            f"{'out-of-domain ppl':>18} {'x parent':>9} {'x control':>10} {'FFN density':>12}")
+            f"{'out-of-domain ppl':>18} {'x parent':>9} {'x control':>10} {'FFN density':>12} {'predictor bytes':>16}")
     lines = [head, "-" * len(head)]
     for r in rows:
         dens = "-" if r.get("ffn_density") is None else f"{r['ffn_density']:.3f}"
+        # predictor bytes per token over the dense FFN's 16-bit bytes; the oracle reads the whole FFN to rank
+        pred = "-" if r.get("predictor_bytes") is None else f"{r['predictor_bytes']:.3f}"
         lines.append(f"{r['method']:<36} {r['train_tokens']:>7,} {r['ppl_in']:>14.2f} {_x(r, parent, 'ppl_in'):>9} "
                      f"{_x(r, control, 'ppl_in'):>10} {r['ppl_out']:>18.2f} {_x(r, parent, 'ppl_out'):>9} "
-                     f"{_x(r, control, 'ppl_out'):>10} {dens:>12}")
+                     f"{_x(r, control, 'ppl_out'):>10} {dens:>12} {pred:>16}")
     d = report["decode"]
     lines += ["", f"decode (greedy, batch 1, {d['new_tokens']} new tokens, {d['threads']} threads, {d['cpu']}): "
                   f"dense {d['dense']:.1f} tokens/s, sparse {d['sparse']:.1f} tokens/s "
@@ -302,8 +304,8 @@ def format_markdown(report: dict) -> str:
              "In-domain: held-out Python standard library source (training text: other stdlib files). "
              "Out-of-domain: the Python language reference's prose, never trained on. x control: against the "
              "dense parent trained on the same tokens with the same distillation (the fair reference).", "",
-             "```", format_table(report), "```", "", f"Prompt:\n```\n{s['prompt']}```",
-             f"Dense parent:\n```\n{s['dense']}\n```", f"Sparse (upcycled):\n```\n{s['sparse']}\n```", "",
+             "~~~", format_table(report), "~~~", "", f"Prompt:\n~~~\n{s['prompt']}~~~",  # ~~~: samples hold ```
+             f"Dense parent:\n~~~\n{s['dense']}\n~~~", f"Sparse (upcycled):\n~~~\n{s['sparse']}\n~~~", "",
              f"Wall time: {report['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
