@@ -11,7 +11,7 @@ the same tokens with the same distillation: `--dense`), at 0 tokens and every --
 
     python bench/routing.py run --name dense-continued --dense
     python bench/routing.py run --name default                                   # the CLI defaults
-    python bench/routing.py run --name pure-shadow --convert "--no-shadow-bias"  # the shadow without learned bias
+    python bench/routing.py run --name pure-shadow --convert=--no-shadow-bias  # the shadow without learned bias
     python bench/routing.py run --name budget-0.2 --convert "--predictor-budget 0.2"
     python bench/routing.py run --name keep-warmup --train "--keep-warmup-steps 60"
     python bench/routing.py run --name posthoc-predictor --steps 0 --convert "--predictor lowrank --init calibrate"

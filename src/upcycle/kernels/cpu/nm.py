@@ -2,8 +2,9 @@
 
 Tensor in, tensor out. `csrc/nm_decode.c` is built on first use by `build.py` and called through ctypes with
 one `NMArgs` structure. It has three paths, chosen at run time from the CPU's features (not from how it was
-compiled): `avx512` (AVX-512F), `avx2` (AVX2 + FMA) and `scalar` (portable C). `path="auto"` takes the best
-one the CPU has; forcing a path the CPU lacks raises (never a silent fallback). Weights fp32 or bf16, any x
+compiled): `avx512` (AVX-512F), `avx2` (AVX2 + FMA) and `scalar` (portable C). `path="auto"` takes AVX2 when
+the CPU has it (measured faster than the AVX-512 path at decode shapes on an AVX-512 Xeon), else AVX-512, else
+scalar; forcing a path the CPU lacks raises (never a silent fallback). Weights fp32 or bf16, any x
 dtype (computed in fp32, returned in x's dtype), any number of tokens (the speed-up is at decode shapes:
 the caller decides when to use it, see `recipes/nm/runtime.py`). Rows are split over up to
 `torch.get_num_threads()` threads; each row is computed by one thread with the same code, so the output does

@@ -441,7 +441,10 @@ int upc_nm24_linear(const upc_nm_args *a) {
     const int avail = upc_nm_paths();
     int path = a->path;
     if (path == PATH_AUTO)
-        path = (avail & (1 << PATH_AVX512)) ? PATH_AVX512 : (avail & (1 << PATH_AVX2)) ? PATH_AVX2 : PATH_SCALAR;
+        /* AVX2 first: on the AVX-512 Xeon measured (bench/results/nm_decode_cpu.md) the 512-bit path was slower
+           at decode shapes (batch 1, fp32 gate/up: 1.23x dense vs 1.57x for AVX2; down 0.99x vs 1.43x; bf16
+           1.82x vs 2.70x), its wider gathers costing more than they save; AVX-512 stays selectable. */
+        path = (avail & (1 << PATH_AVX2)) ? PATH_AVX2 : (avail & (1 << PATH_AVX512)) ? PATH_AVX512 : PATH_SCALAR;
     if (path < PATH_SCALAR || path > PATH_AVX512 || !(avail & (1 << path))) return ERR_PATH;
     nm_ctx ctx = {a, NULL};
     rows_fn fn = rows_scalar;
