@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from common import RESULTS, Table, machine_record, write_result
 from real_model import HeldOut, dense_dir
-from routing import FILES, split
+from routing import FILES, reeval, split
 
 import upcycle
 
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.out) / "routing.json"
     if not path.exists():
         raise SystemExit(f"{path} is missing: run the training rows first (python bench/routing.py run ...)")
+    if any(not r.get("final_evaluated") and r["steps"] for r in json.loads(path.read_text())["rows"]):
+        reeval(args)  # trained rows are the saved models (after e.g. N:M's hard prune), not the last training eval
     trained = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
     if "dense-continued" not in trained:
         raise SystemExit("the matched-token control row is missing: python bench/routing.py run --name "

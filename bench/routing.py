@@ -16,6 +16,7 @@ the same tokens with the same distillation: `--dense`), at 0 tokens and every --
     python bench/routing.py run --name keep-warmup --train "--keep-warmup-steps 60"
     python bench/routing.py run --name posthoc-predictor --steps 0 --convert "--predictor lowrank --init calibrate"
     python bench/routing.py report
+    python bench/routing.py reeval     # rows measured before the saved (finalized) model was evaluated
 
 Writes bench/results/routing.json, .md and .png (one row per --name; a rerun replaces its row).
 """
@@ -115,6 +116,8 @@ def run(args) -> None:
     if result.model_dir is None:
         sys.exit(f"training stopped at step {result.step} (interrupted): no row written")
     model = upcycle.load(result.model_dir)
+    if args.steps:  # the last on_eval saw the model before the recipe's finalize (N:M: the hard prune): measure
+        final_point(curve, evaluator(model))  # what was saved
     from upcycle.recipes import registry
 
     recipe = registry.for_model(model)
@@ -130,13 +133,43 @@ def run(args) -> None:
            "routing_params": sum(p.numel() for n, p in model.named_parameters() if is_predictor_param(n)),
            "step_s_median": sorted(step_times)[len(step_times) // 2] if step_times else None,
            "convert_s": convert_s, "train_s": train_s,
-           "convert_flags": args.convert, "train_flags": args.train, "control": args.control,
+           "convert_flags": args.convert, "train_flags": args.train, "control": args.control, "final_evaluated": True,
            "command": machine_record("cpu", script=__file__)["command"]}
     print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
     path = Path(args.out) / "routing.json"
     rows = {r["method"]: r for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
     rows[args.name] = row
     write(args, list(rows.values()))
+
+
+def final_point(curve: list[dict], ppl: dict) -> None:
+    """Replace the last curve point's numbers by those of the saved model, keeping the pre-finalize ones."""
+    last = curve[-1]
+    if abs(ppl["in"] - last["ppl_in"]) > 1e-6 * last["ppl_in"]:
+        last["before_finalize"] = {"ppl_in": last["ppl_in"], "ppl_out": last["ppl_out"]}
+    last.update(ppl_in=ppl["in"], ppl_out=ppl["out"], ffn_density=ppl["ffn_density"])
+
+
+def reeval(args) -> None:
+    """Rows written before the saved model was evaluated (no `final_evaluated`): evaluate their saved model now."""
+    import upcycle
+
+    path = Path(args.out) / "routing.json"
+    rows = json.loads(path.read_text())["rows"]
+    work = Path(args.work)
+    tok = upcycle.io.load_pretrained(dense_dir(work))[1]
+    evaluator = None
+    for r in rows:
+        if r.get("final_evaluated") or not r["steps"]:
+            continue
+        evaluator = evaluator or HeldOut(tok, split(work, r["train_corpus"])[1], args.eval_windows)
+        final_point(r["curve"], evaluator(upcycle.load(r["model_dir"])))
+        r.update(ppl_in=r["curve"][-1]["ppl_in"], ppl_out=r["curve"][-1]["ppl_out"],
+                 ffn_density=r["curve"][-1]["ffn_density"], final_evaluated=True)
+        print(f"{r['method']}: saved model {r['ppl_in']:.3f} / {r['ppl_out']:.3f}"
+              + (f" (before finalize {r['curve'][-1]['before_finalize']})" if "before_finalize" in r["curve"][-1]
+                 else " (as evaluated during training)"), flush=True)
+    write(args, rows)
 
 
 def write(args, rows: list[dict]) -> None:
@@ -215,7 +248,7 @@ def report(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["run", "report"])
+    ap.add_argument("stage", choices=["run", "report", "reeval"])
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/upcycle/real_model"))
     ap.add_argument("--name", default="default")
     ap.add_argument("--dense", action="store_true", help="train the dense parent (the matched-token control)")
@@ -231,7 +264,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"run": run, "report": report}[args.stage](args)
+    {"run": run, "report": report, "reeval": reeval}[args.stage](args)
 
 
 if __name__ == "__main__":
