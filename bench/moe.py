@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from common import REPO, RESULTS, Table, abba, machine_record, quartiles, time_interleaved, write_result
+from real_model import split_texts  # the one train / held-out cut every real-model bench shares
 
 SHARED = REPO.parent / "shared" / "data"
 FILES = {"wikitext2": "wikitext-2-raw-test.txt", "tinystories": "tinystories-val.txt"}
@@ -252,21 +253,6 @@ def timing(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- quality
-def split_texts(work: Path) -> tuple[Path, dict[str, str]]:
-    """(training text dir, {corpus: held-out text}); each file's last 15% is held out (bench/real_model.py)."""
-    if not all((SHARED / f).exists() for f in FILES.values()):
-        sys.exit(f"skipped: {SHARED} (the team's shared/data) is absent")
-    train_dir = work / "train_text"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    held = {}
-    for name, f in FILES.items():
-        text = (SHARED / f).read_text(encoding="utf-8")
-        cut = text.rfind("\n", 0, int(len(text) * (1 - HELD_OUT)))
-        (train_dir / f"{name}.txt").write_text(text[:cut], encoding="utf-8")
-        held[name] = text[cut:]
-    return train_dir, held
-
-
 class HeldOut:
     def __init__(self, tokenizer, held: dict[str, str], windows: int, seq_len: int = 512):
         from upcycle.data import tokenize
