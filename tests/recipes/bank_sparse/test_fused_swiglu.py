@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import upcycle
 from upcycle.kernels.reference import bank_topk_mask
 from upcycle.recipes.bank_sparse import modules as bank_sparse
-from upcycle.recipes.bank_sparse.modules import _FusedMaskedSwiGLU, _MaskedSwiGLU, sparse_ffns
+from upcycle.recipes.bank_sparse.modules import _FusedMaskedSwiGLU, _FusedShadowSwiGLU, _MaskedSwiGLU, sparse_ffns
 
 
 @pytest.mark.parametrize("alpha", [None, 0.7])
@@ -55,4 +55,62 @@ def test_module_training_forward_uses_the_fused_path_and_matches_inference():
     with torch.no_grad():
         eval_logits = model(ids).logits
     assert len(calls) == len(list(sparse_ffns(model)))
+    assert torch.allclose(train_logits, eval_logits, atol=1e-5)
+
+
+def _shadow_reference(g, u, x, gq, uq, bias, keep, tau):
+    """The unfused shadow path: full scores, mask, centred surrogate, _MaskedSwiGLU."""
+    from upcycle.kernels.reference import center_on_bank_threshold
+
+    with torch.no_grad():
+        mag = (F.silu(F.linear(x, gq)) * F.linear(x, uq)).abs()
+    z = mag if bias is None else mag.clamp_min(1e-30).log() + bias
+    mask = bank_topk_mask(z.detach(), 64, keep)
+    if bias is not None:
+        z = center_on_bank_threshold(z, 64, keep)
+    return _MaskedSwiGLU.apply(g, u, z, mask, None, tau)
+
+
+@pytest.mark.parametrize("learned_bias", [False, True])
+@pytest.mark.parametrize("keep", [16, 64])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_fused_shadow_equals_unfused_values_and_gradients(monkeypatch, learned_bias, keep, tau):
+    monkeypatch.setattr(bank_sparse, "TRAIN_CHUNK_ELEMENTS", 3 * 128)  # 3 rows per chunk: 5 chunks
+    torch.manual_seed(1)
+    t, d, d_ff = 13, 32, 128
+    g, u = (torch.randn(t, d_ff, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    x = torch.randn(t, d, dtype=torch.float64)
+    gq, uq = torch.randn(d_ff, d, dtype=torch.float64), torch.randn(d_ff, d, dtype=torch.float64)
+    bias = torch.randn(d_ff, dtype=torch.float64, requires_grad=True) if learned_bias else None
+    inputs = [g, u] + ([bias] if learned_bias else [])
+    out = _FusedShadowSwiGLU.apply(g, u, x, gq, uq, None, None, bias, 64, keep, tau)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad((out * dout).sum(), inputs)
+    ref = _shadow_reference(g, u, x, gq, uq, bias, keep, tau)
+    want = torch.autograd.grad((ref * dout).sum(), inputs)
+    assert torch.equal(out, ref)
+    for name, a, b in zip(("g", "u", "bias"), got, want):
+        assert torch.allclose(a, b, atol=1e-6), name  # the bias gradient sums in fp32
+
+
+def test_shadow_module_training_takes_the_fused_path_and_matches_inference():
+    from upcycle.testing import tiny_model
+
+    model = tiny_model(vocab_size=512)
+    upcycle.convert(model, upcycle.BankSparseConfig(keep=16, predictor="shadow", shadow_bits=4), progress=False)
+    ffns = [m for _, m in sparse_ffns(model)]
+    assert all(m.predictor.kind == "shadow" and m.predictor.bias is not None for m in ffns)
+    for m in ffns:  # a non-zero learned bias, so the test sees it in the ranking
+        torch.nn.init.normal_(m.predictor.bias, std=0.5)
+    ids = torch.randint(0, 512, (2, 24))
+    calls = []
+    orig = _FusedShadowSwiGLU.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_FusedShadowSwiGLU, "apply", lambda *a: calls.append(1) or orig(*a))
+        train_logits = model(ids).logits
+    train_logits.float().pow(2).mean().backward()
+    assert len(calls) == len(ffns)
+    assert all(m.predictor.bias.grad is not None and m.predictor.bias.grad.abs().sum() > 0 for m in ffns)
+    with torch.no_grad():
+        eval_logits = model(ids).logits
     assert torch.allclose(train_logits, eval_logits, atol=1e-5)

@@ -33,6 +33,12 @@ def test_real_demo_runs_and_reports_every_row(tmp_path, monkeypatch, tokenizer):
     assert "x control" in (tmp_path / "demo" / "report.md").read_text()
     assert "dense parent" in real_demo.format_table(report)
     assert (tmp_path / "cache").exists()  # the dequantised checkpoint is cached for the next run
+    stages = saved["stage_seconds"]
+    assert list(stages) == ["model", "parent and oracle eval", "convert", "train upcycled (defaults)",
+                            "train dense-continued control", "decode and samples"]
+    assert sum(stages.values()) == pytest.approx(saved["seconds"], abs=1.0)
+    assert saved["eval_precision"] in ("fp32", "bf16 autocast") and saved["eval_precision"] in \
+        (tmp_path / "demo" / "report.md").read_text()
 
 
 def test_a_missing_wheel_names_the_one_install_command(monkeypatch, capsys):

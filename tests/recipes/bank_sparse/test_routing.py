@@ -38,9 +38,19 @@ def _noisy(model):
         calls["n"] += 1
         return out + torch.randn(out.shape, generator=torch.Generator().manual_seed(calls["n"])) * out.std() * 3
 
+    def noisy_shadow(shadow_weights):
+        # the shadow's training path scores inside a fused kernel: perturb the weights it scores with
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            gen = torch.Generator().manual_seed(calls["n"])
+            return tuple(w + torch.randn(w.shape, generator=gen) * w.std() * 3 for w in shadow_weights(*a, **k))
+        return wrapped
+
     for _, m in sparse_ffns(model):
-        target = m.predictor.in_proj if m.predictor.kind == "lowrank" else m.predictor
-        target.register_forward_hook(perturb)
+        if m.predictor.kind == "lowrank":
+            m.predictor.in_proj.register_forward_hook(perturb)
+        else:
+            m.predictor.shadow_weights = noisy_shadow(m.predictor.shadow_weights)
     return calls
 
 

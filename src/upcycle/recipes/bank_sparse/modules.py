@@ -188,6 +188,82 @@ class _FusedMaskedSwiGLU(torch.autograd.Function):
         )
 
 
+class _FusedShadowSwiGLU(torch.autograd.Function):
+    """The shadow predictor's training path: scores, mask and masked SwiGLU a block of rows at a time.
+
+    Inputs: g, u ([..., d_ff]), x ([..., d]), the shadow's fake-quantised weights gq, uq (and the linears'
+    biases) and the learned per-channel bias (None: the pure shadow). Per block: |h_q| = |silu(x gq^T) *
+    (x uq^T)|, score = log|h_q| + bias, one top-(keep+1) per bank gives both the mask and the bank's
+    threshold, and the centred score z = score - threshold (what the straight-through surrogate reads) is
+    saved in g's dtype. So the [tokens, d_ff] shadow activations, float32 scores and their temporaries
+    never exist in full: a step saves g, u, z and the bool mask, what a dense SwiGLU saves (g, silu(g), u,
+    h), and without a learned bias not even z. Same function and gradients as shadow scores followed by
+    `center_on_bank_threshold` and `_MaskedSwiGLU` (tests/recipes/bank_sparse/test_fused_swiglu.py).
+    """
+
+    @staticmethod
+    def forward(ctx, g, u, x, gq, uq, gate_b, up_b, bias, bank_size: int, keep: int, tau: float, given=None,
+                sink=None):
+        ctx.set_materialize_grads(False)
+        d_ff = g.shape[-1]
+        g2, u2, x2 = g.reshape(-1, d_ff), u.reshape(-1, d_ff), x.reshape(-1, x.shape[-1])
+        n, n_banks = len(g2), d_ff // bank_size
+        out = torch.empty_like(g2)
+        mask = given.reshape(g2.shape) if given is not None else torch.ones(g2.shape, dtype=torch.bool,
+                                                                            device=g.device)
+        learns = bias is not None and ctx.needs_input_grad[7]
+        if torch.is_autocast_enabled(x.device.type):  # cast the shadow once, not once per block
+            dt = torch.get_autocast_dtype(x.device.type)
+            gq, uq = gq.to(dt), uq.to(dt)
+        z_saved = torch.empty_like(g2) if learns else None
+        sparse = keep < bank_size
+        for rows in _row_chunks(n, d_ff, g.device):
+            xs = x2[rows]
+            if (sparse and given is None) or learns:
+                mag = F.silu(F.linear(xs, gq, gate_b)).mul_(F.linear(xs, uq, up_b)).abs_()
+                score = mag if bias is None else mag.float().clamp_min_(1e-30).log_().add_(bias.float())
+                banks = score.view(-1, n_banks, bank_size)
+                if sparse:
+                    top = banks.topk(keep + 1 if learns else keep, dim=-1, sorted=learns)
+                    if given is None:
+                        view = mask[rows].view(-1, n_banks, bank_size)
+                        view.zero_()
+                        view.scatter_(-1, top.indices[..., :keep], True)
+                if learns:  # centred on the midpoint between the keep-th and (keep+1)-th score of each bank
+                    thr = (top.values[..., keep - 1] + top.values[..., keep]) / 2 if sparse else banks.amin(-1) - 1
+                    torch.sub(banks, thr[..., None], out=z_saved[rows].view(-1, n_banks, bank_size))
+            h = F.silu(g2[rows]).mul_(u2[rows])
+            torch.mul(h, mask[rows], out=out[rows])
+        ctx.save_for_backward(g, u, mask, z_saved)
+        ctx.tau, ctx.bias_dtype = tau, None if bias is None else bias.dtype
+        if sink is not None:
+            sink.append(mask)
+        return out.view(g.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        g, u, mask, z = ctx.saved_tensors
+        if dout is None:
+            return (None,) * 13
+        d_ff, tau = g.shape[-1], ctx.tau
+        g2, u2, dout2 = g.reshape(-1, d_ff), u.reshape(-1, d_ff), dout.reshape(-1, d_ff)
+        dg, du = torch.empty_like(g2), torch.empty_like(u2)
+        dbias = torch.zeros(d_ff, dtype=torch.float32, device=g.device) if z is not None else None
+        for rows in _row_chunks(len(g2), d_ff, g.device):
+            gc, m, do = g2[rows], mask[rows], dout2[rows]
+            s = F.silu(gc)
+            p = do * u2[rows]  # d out / d silu(g), before the mask
+            if dbias is not None:  # straight-through: d/dz of sigmoid(z / tau) stands in for the 0/1 gate
+                soft = torch.sigmoid(z[rows].float() / tau if tau != 1 else z[rows].float())
+                dz = torch.ops.aten.sigmoid_backward((p * s).float(), soft)
+                dbias += dz.sum(0) / tau if tau != 1 else dz.sum(0)
+            p.mul_(m)
+            torch.mul(do, m, out=du[rows]).mul_(s)
+            torch.ops.aten.silu_backward.grad_input(p, gc, grad_input=dg[rows])
+        return (dg.view(g.shape), du.view(u.shape), None, None, None, None, None,
+                None if dbias is None else dbias.to(ctx.bias_dtype), None, None, None, None, None)
+
+
 def _scatter_topk(mask_rows: Tensor, scores: Tensor, bank_size: int, keep: int) -> None:
     """mask_rows[...] = bank_topk_mask(scores, bank_size, keep), written in place (no temporary mask)."""
     n, d_ff = scores.shape
@@ -299,6 +375,8 @@ class BankSparseSwiGLU(nn.Module):
             if self.record_aux:
                 self.aux_loss = aux
             return self.down_proj(h)
+        if torch.is_grad_enabled() and self.mask_fn is None and self.predictor.kind == "shadow":
+            return self.down_proj(self._shadow_train_forward(x, g, u))
         z = self.predictor(x)
         with torch.no_grad():
             # under activation checkpointing the recomputation replays the forward's mask (routing.py)
@@ -317,6 +395,19 @@ class BankSparseSwiGLU(nn.Module):
             z = center_on_bank_threshold(z, self.bank_size, self.keep)
         h = _MaskedSwiGLU.apply(g, u, z, mask, self.gate_scale, self.ste_temperature)
         return self.down_proj(h)
+
+    def _shadow_train_forward(self, x: Tensor, g: Tensor, u: Tensor) -> Tensor:
+        """h of the shadow predictor in training, through `_FusedShadowSwiGLU` (its learned bias gets the gradient)."""
+        gq, uq = self.predictor.shadow_weights()
+        given = routing.replayed_mask(self)  # checkpoint recomputation: the forward's routing
+        sink = [] if given is None and routing.current() is not None else None
+        h = _FusedShadowSwiGLU.apply(g, u, x, gq, uq, self.gate_proj.bias, self.up_proj.bias, self.predictor.bias,
+                                     self.bank_size, self.keep, self.ste_temperature, given, sink)
+        if sink:
+            routing.record_mask(self, sink[0].view(g.shape))
+        if self.record_aux:  # a shadow has nothing to learn from the oracle BCE (its bias learns from the LM loss)
+            self.aux_loss = g.new_zeros((), dtype=torch.float32)
+        return h
 
     def aux_losses(self) -> dict[str, Tensor]:
         """The auxiliary losses of the last forward (the trainer's `Objective` collects them by name)."""
