@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, Table, machine_record, write_result
-from real_model import HeldOut, dense_dir
+from common import RESULTS, HeldOut, Table, machine_record, write_result
+from real_model import dense_dir
 from routing import FILES, reeval, split
 
 import upcycle
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     _, held = split(work, "wikitext2")
     tok = upcycle.io.load_pretrained(base)[1]
     oracle = baselines.apply(upcycle.load(base), "posthoc-magnitude", upcycle.BankSparseConfig())
-    ppl = HeldOut(tok, held, args.eval_windows)(oracle)
+    ppl = HeldOut(tok, held, args.eval_windows, density=True)(oracle)
     rows.insert(2, {"method": "posthoc-oracle", "recipe": "bank_sparse", "train_tokens": 0, "ppl_in": ppl["in"],
                     "ppl_out": ppl["out"], "model_dir": None,
                     "command": "python bench/bakeoff.py (baselines.apply posthoc-magnitude)"})

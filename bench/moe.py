@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, RESULTS, Table, abba, machine_record, quartiles, time_interleaved, write_result
+from common import REPO, RESULTS, HeldOut, Table, abba, machine_record, quartiles, time_interleaved, write_result
 from real_model import split_texts  # the one train / held-out cut every real-model bench shares
 
 SHARED = REPO.parent / "shared" / "data"
@@ -253,20 +253,6 @@ def timing(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- quality
-class HeldOut:
-    def __init__(self, tokenizer, held: dict[str, str], windows: int, seq_len: int = 512):
-        from upcycle.data import tokenize
-
-        self.ids = {k: tokenize(tokenizer, v)[: windows * seq_len] for k, v in held.items()}
-        self.seq_len = seq_len
-
-    @torch.no_grad()
-    def __call__(self, model) -> dict[str, float]:
-        from upcycle.eval.perplexity import perplexity
-
-        return {k: perplexity(model, ids, seq_len=self.seq_len)["ppl"] for k, ids in self.ids.items()}
-
-
 def ffn_params(model) -> dict:
     """Active FFN parameters per token, all FFN parameters and the dense parent's (summed over layers)."""
     from upcycle import hf

@@ -35,8 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from common import RESULTS, Table, machine_record, write_result
+from common import RESULTS, HeldOut, Table, machine_record, write_result
 from real_model import split_texts  # the one train / held-out cut every real-model bench shares
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -46,27 +45,6 @@ HELD_OUT = 0.15
 DENSE = "/work/cache/smollm2-135m-dense"
 TOKENS_PER_STEP = 512  # seq_len 256 x batch 2
 NAME = "nm"
-
-
-class HeldOut:
-    """Held-out perplexity of a model on each corpus (the first `windows` windows of 512 tokens)."""
-
-    def __init__(self, tokenizer, held: dict[str, str], windows: int, seq_len: int = 512):
-        from upcycle.data import tokenize
-
-        self.ids = {k: tokenize(tokenizer, v)[: windows * seq_len] for k, v in held.items()}
-        self.seq_len = seq_len
-
-    @torch.no_grad()
-    def __call__(self, model) -> dict[str, float]:
-        from upcycle.eval.perplexity import perplexity
-
-        was = model.training
-        model.eval()
-        try:
-            return {k: perplexity(model, ids, seq_len=self.seq_len)["ppl"] for k, ids in self.ids.items()}
-        finally:
-            model.train(was)
 
 
 def exact_of(model) -> dict:

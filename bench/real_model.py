@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, Table, abba, machine_record, write_result
+from common import RESULTS, HeldOut, Table, abba, machine_record, write_result
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = {"wikitext2": "wikitext-2-raw-test.txt", "tinystories": "tinystories-val.txt"}
@@ -82,29 +82,6 @@ def dense_dir(work: Path) -> Path:
     return out
 
 
-class HeldOut:
-    """Held-out perplexity of a model on each corpus (first --eval-windows windows of 512 tokens)."""
-
-    def __init__(self, tokenizer, held: dict[str, str], windows: int, seq_len: int = 512):
-        from upcycle.data import tokenize
-
-        self.ids = {k: tokenize(tokenizer, v)[: windows * seq_len] for k, v in held.items()}
-        self.seq_len = seq_len
-
-    @torch.no_grad()
-    def __call__(self, model) -> dict[str, float]:
-        """{corpus: ppl, ..., "ffn_density": what the FFNs actually computed (upcycle eval's statistic)}."""
-        from upcycle.eval.perplexity import perplexity
-        from upcycle.eval.stats import FFNStats
-
-        out = {}
-        with FFNStats(model) as st:
-            for k, ids in self.ids.items():
-                out[k] = perplexity(model, ids, seq_len=self.seq_len)["ppl"]
-        out["ffn_density"] = st.summary()["ffn_density"]
-        return out
-
-
 def recall_of(model, calib: torch.Tensor) -> float | None:
     from upcycle.recipes.bank_sparse import sparse_ffns
     from upcycle.recipes.bank_sparse.convert import measure_recall
@@ -136,7 +113,7 @@ def setup(args):
     train_dir, held = split_texts(work)
     base = dense_dir(work)
     _, tok = load_pretrained(base)
-    return work, train_dir, base, tok, HeldOut(tok, held, args.eval_windows)
+    return work, train_dir, base, tok, HeldOut(tok, held, args.eval_windows, density=True)
 
 
 # ---------------------------------------------------------------------------------------------- xquant

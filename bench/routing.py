@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, Table, machine_record, write_result
-from real_model import SHARED, HeldOut, dense_dir
+from common import RESULTS, HeldOut, Table, machine_record, write_result
+from real_model import SHARED, dense_dir
 
 FILES = {"wikitext2": "wikitext-2-raw-test.txt", "tinystories": "tinystories-val.txt"}
 HELD_OUT = 0.15
@@ -72,7 +72,7 @@ def run(args) -> None:
     base = dense_dir(work)
     train_dir, held = split(work, args.train_corpus)
     tok = upcycle.io.load_pretrained(base)[1]
-    evaluator = HeldOut(tok, held, args.eval_windows)
+    evaluator = HeldOut(tok, held, args.eval_windows, density=True)
     run_dir = Path(tempfile.mkdtemp(prefix=f"{args.name}-", dir=work))
     t0 = time.perf_counter()
     model_dir = base
@@ -162,7 +162,7 @@ def reeval(args) -> None:
     for r in rows:
         if r.get("final_evaluated") or not r["steps"]:
             continue
-        evaluator = evaluator or HeldOut(tok, split(work, r["train_corpus"])[1], args.eval_windows)
+        evaluator = evaluator or HeldOut(tok, split(work, r["train_corpus"])[1], args.eval_windows, density=True)
         final_point(r["curve"], evaluator(upcycle.load(r["model_dir"])))
         r.update(ppl_in=r["curve"][-1]["ppl_in"], ppl_out=r["curve"][-1]["ppl_out"],
                  ffn_density=r["curve"][-1]["ffn_density"], final_evaluated=True)

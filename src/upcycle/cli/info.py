@@ -101,11 +101,11 @@ def kernels_report() -> dict:
     report = {"cpu": feats["model_name"], "machine": feats["machine"],
               "features": [f for f in features.X86_FLAGS + features.ARM_FLAGS if feats.get(f) is True],
               "compiler": build.compiler(), "arch_flags": build.arch_flags(),
-              "library": None if lib is None else lib._name, "library_error": cpu._lib_error,
+              "library": None if lib is None else lib._name, "library_error": cpu.library_error(),
               "torch_threads": torch.get_num_threads(), "kernels": {}}
     k = report["kernels"]
     if lib is None:
-        k["bank_sparse"] = "torch ops (no fused kernel: " + str(cpu._lib_error) + ")"
+        k["bank_sparse"] = "torch ops (no fused kernel: " + str(cpu.library_error()) + ")"
         return report
     features.DISPATCH.clear()
     d, d_ff = 256, 512

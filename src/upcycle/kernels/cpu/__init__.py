@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 import time
 
 import torch
@@ -81,7 +80,7 @@ def resolve_dot_path(requested: str | None = None) -> str:
     requested = shadow_dots() if requested is None else requested
     lib = fused_library()
     if lib is None:
-        raise RuntimeError(f"fused CPU kernel unavailable: {_lib_error}")
+        raise RuntimeError(f"fused CPU kernel unavailable: {_library.error}")
     rid = features.DOT_PATH_IDS["auto" if requested == "int16" else requested]
     got = lib.upc_resolve_dot_path(rid)
     if got < 0:
@@ -99,9 +98,6 @@ def available_dot_paths() -> list[str]:
 
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.int8: "i8"}
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_lib_error: str | None = None
 _supported: frozenset = frozenset()  # dtypes the built library has kernels for
 
 
@@ -131,20 +127,23 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+def _build_and_probe() -> ctypes.CDLL:
+    lib = _build()
+    _set_supported(lib)
+    return lib
+
+
+_library = build.LazyLibrary(_build_and_probe, "fused CPU decode kernel", "using the torch-ops path")
+
+
 def fused_library() -> ctypes.CDLL | None:
     """The compiled fused kernel, built on first call; None (and a logged reason) when it cannot be built."""
-    global _lib, _lib_error
-    if _lib is not None or _lib_error is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _lib_error is None:
-            try:
-                _lib = _build()
-                _set_supported(_lib)
-            except Exception as e:  # a missing or broken compiler must only cost speed
-                _lib_error = f"{type(e).__name__}: {e}"
-                log.warning("upcycle: fused CPU decode kernel unavailable (%s); using the torch-ops path.", _lib_error)
-    return _lib
+    return _library.get()
+
+
+def library_error() -> str | None:
+    """Why the fused kernel could not be built (None: built, or not tried yet)."""
+    return _library.error
 
 
 def fused_available() -> bool:
@@ -269,7 +268,7 @@ def fused_sparse_decode(
     """
     lib = fused_library()
     if lib is None:
-        raise RuntimeError(f"fused CPU kernel unavailable: {_lib_error}")
+        raise RuntimeError(f"fused CPU kernel unavailable: {_library.error}")
     T, d = x.shape
     d_ff, r = (w_gate.shape[0], 0) if shadow is not None else w_out.shape
     dtype = w_gate.dtype
@@ -385,7 +384,7 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor | None, bias: Tensor | None 
     float32 scale / bias [N] (either may be None), on the fused kernel's helper pool. T <= LINEAR_MAX_TOKENS."""
     lib = fused_library()
     if lib is None:
-        raise RuntimeError(f"fused CPU kernel unavailable: {_lib_error}")
+        raise RuntimeError(f"fused CPU kernel unavailable: {_library.error}")
     T, K = x.shape
     N = q.shape[0]
     if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != K or q.stride(1) != 1 or not 1 <= T <= 64:

@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 CFLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-std=gnu11"]
 SANITIZE_FLAGS = ["-O1", "-g", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-std=gnu11",
                   "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+
+
+log = logging.getLogger(__name__)
 
 
 class CompileError(RuntimeError):
@@ -105,3 +111,26 @@ def _compile(cc: str, flags: list[str], sources: dict[str, str], main: str, so: 
                           text)
             raise CompileError(f"{cc} could not compile {where}/{main}:\n{text.strip()[-3000:]}")
         os.replace(tmp_so, so)  # atomic: concurrent builders never see a partial file
+
+
+class LazyLibrary:
+    """A kernel library built on the first `get()` (thread-safe, once); `get()` then returns it, or None when the
+    build failed, with the reason in `error` and logged once: a missing or broken compiler only costs speed."""
+
+    def __init__(self, builder: Callable[[], ctypes.CDLL], what: str, fallback: str):
+        self._builder, self._what, self._fallback = builder, what, fallback
+        self._lock = threading.Lock()
+        self.lib: ctypes.CDLL | None = None
+        self.error: str | None = None
+
+    def get(self) -> ctypes.CDLL | None:
+        if self.lib is not None or self.error is not None:
+            return self.lib
+        with self._lock:
+            if self.lib is None and self.error is None:
+                try:
+                    self.lib = self._builder()
+                except Exception as e:  # any build failure falls back to the torch path
+                    self.error = f"{type(e).__name__}: {e}"
+                    log.warning("upcycle: %s unavailable (%s); %s.", self._what, self.error, self._fallback)
+        return self.lib

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 import time
 
 import torch
@@ -43,9 +42,6 @@ class NMArgs(ctypes.Structure):
                 ("out_features", _I64), ("idx_stride", _I64), ("dtype", _I32), ("path", _I32), ("nthreads", _I32)]
 
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_lib_error: str | None = None
 _chooser = ThreadChooser()
 
 
@@ -60,19 +56,12 @@ def _build(main: str = "nm_decode.c", name: str = "nm_decode") -> ctypes.CDLL:
     return lib
 
 
+_library = build.LazyLibrary(_build, "N:M CPU decode kernel", "N:M linears run densely")
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first call; None (and one logged reason) when it cannot be built."""
-    global _lib, _lib_error
-    if _lib is not None or _lib_error is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _lib_error is None:
-            try:
-                _lib = _build()
-            except Exception as e:  # a missing or broken compiler must only cost speed
-                _lib_error = f"{type(e).__name__}: {e}"
-                log.warning("upcycle: N:M CPU decode kernel unavailable (%s); N:M linears run densely.", _lib_error)
-    return _lib
+    return _library.get()
 
 
 def available() -> bool:
@@ -81,7 +70,7 @@ def available() -> bool:
 
 def error() -> str | None:
     """Why the kernel could not be built (None when it was, or was not tried yet)."""
-    return _lib_error
+    return _library.error
 
 
 def available_paths(lib: ctypes.CDLL | None = None) -> list[str]:
@@ -103,7 +92,7 @@ def nm24_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None 
     """
     lib = lib or library()
     if lib is None:
-        raise RuntimeError(f"N:M CPU kernel unavailable: {_lib_error}")
+        raise RuntimeError(f"N:M CPU kernel unavailable: {_library.error}")
     if path not in PATHS:
         raise ValueError(f"path must be one of {list(PATHS)}, got {path!r}")
     if values.dim() != 2 or indices.dim() != 2 or values.dtype not in _DTYPES or indices.dtype != torch.uint8:
