@@ -168,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["decode_tok_s"] = speed.get(r["method"])
         r["decode_x_dense"] = r["decode_tok_s"] / dense_speed if r["decode_tok_s"] and dense_speed else None
-        r["in_x_control"] = r["ppl_in"] / control["ppl_in"]
-        r["out_x_control"] = r["ppl_out"] / control["ppl_out"]
+        ctrl = trained.get(r.get("control") or "dense-continued", control)  # a row's own control (e.g. same LR)
+        r["control"] = "dense-continued" if ctrl is control else r["control"]
+        r["in_x_control"] = r["ppl_in"] / ctrl["ppl_in"]
+        r["out_x_control"] = r["ppl_out"] / ctrl["ppl_out"]
         r["active_vs_dense"] = r["active_ffn_params"] / dense_active if r.get("active_ffn_params") else None
         r["bytes_vs_dense"] = r["ffn_bytes_per_token"] / dense_bytes if r.get("ffn_bytes_per_token") else None
         r["kind"] = KIND.get(r.get("recipe"), r.get("recipe"))
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['ffn_bytes_per_token'] / 1e6:.0f} MB ({r['bytes_vs_dense']:.2f}x)"),
                ("decode tok/s", opt("decode_tok_s", ".1f")), ("x dense", opt("decode_x_dense", ".2f")),
                ("train s/step", opt("step_s_median", ".2f")), ("long-context score", opt("long_context", ".2f"))]
-    commands = [("method", "method"), ("convert flags", lambda r: r.get("convert_flags") or "-"),
+    commands = [("method", "method"), ("x control over", lambda r: r.get("control") or "-"),
+                ("convert flags", lambda r: r.get("convert_flags") or "-"),
                 ("train flags", lambda r: r.get("train_flags") or "-"), ("command", lambda r: f"`{r['command']}`")]
     machine = machine_record("cpu", script=__file__)
     notes = [
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokens per step, KL to the dense parent (weight 1), bf16 autocast where a row's train flags say so. "
         "In-domain = WikiText-2's last 15%, out-of-domain = TinyStories' last 15% (never trained on); "
         f"first {args.eval_windows} x 512-token windows each. x control: ppl / the matched-token dense control "
-        "(dense-continued: the parent trained on the same tokens with the same distillation).",
+        "(dense-continued: the parent trained on the same tokens with the same distillation; a row trained with "
+        "other settings, e.g. another LR, over its own control trained with those settings: the row's `control`).",
         "active FFN params / token: weights one token multiplies in the FFNs (bank-sparse: the kept quarter of "
         "gate/up/down; MoE: router + top-k experts; N:M: the nonzero half), vs the dense parent. FFN bytes / token "
         "at decode: what a batch-1 step reads (bank-sparse: kept rows + the predictor; N:M: kept values + 2-bit "

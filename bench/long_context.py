@@ -241,7 +241,8 @@ def plot_memory(rows: list[dict], path: Path, layers: int) -> None:
     b.set_ylabel("step CPU time (s, 1 thread)")
     a.set_title("peak memory: measured vs upcycle train --plan", fontsize=9)
     b.set_title("step time", fontsize=9)
-    fig.suptitle(f"SmolLM2-135M geometry, {layers} layers, gradient checkpointing, KD teacher, fp32 CPU", fontsize=9)
+    fig.suptitle(f"SmolLM2-135M geometry, {layers} layer{'s' if layers != 1 else ''}, gradient checkpointing, "
+                 "KD teacher, fp32 CPU", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
