@@ -98,6 +98,15 @@ def decode_speed(models: dict[str, torch.nn.Module], prompt: torch.Tensor, new_t
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
+def long_context_score(model: torch.nn.Module, tok, task: str, length: int, samples: int) -> float:
+    """RULER-style score of `task` at `length` tokens (upcycle.eval.ruler: greedy, string_match_all), seed 42."""
+    from upcycle.eval import ruler
+
+    cases = ruler.generate_samples(task, tok, length, samples, seed=42)
+    report = ruler.evaluate(ruler.make_hf_generate_fn(model, tok), cases)
+    return report.scores[task][length].score
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/upcycle/real_model"))
@@ -105,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per decode run (%(default)s)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved decode repetitions (%(default)s)")
     ap.add_argument("--eval-windows", type=int, default=8, help="512-token held-out windows per corpus")
+    ap.add_argument("--lc-task", default="passkey", help="long-context column: a RULER task (%(default)s)")
+    ap.add_argument("--lc-length", type=int, default=2048, help="its length in tokens (%(default)s)")
+    ap.add_argument("--lc-samples", type=int, default=3, help="its samples per row (0: no long-context column)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -175,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         r["active_vs_dense"] = r["active_ffn_params"] / dense_active if r.get("active_ffn_params") else None
         r["bytes_vs_dense"] = r["ffn_bytes_per_token"] / dense_bytes if r.get("ffn_bytes_per_token") else None
         r["kind"] = KIND.get(r.get("recipe"), r.get("recipe"))
-        r["long_context"] = None  # issue 14's task score: not measured on these rows yet
+        model = models.get(r["method"])
+        r["long_context"] = (long_context_score(model, tok, args.lc_task, args.lc_length, args.lc_samples)
+                             if model is not None and args.lc_samples else None)
 
     def opt(key, fmt):
         return lambda r: "-" if r.get(key) is None else format(r[key], fmt)
@@ -188,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                ("FFN bytes / token at decode", lambda r: "-" if r.get("bytes_vs_dense") is None else
                 f"{r['ffn_bytes_per_token'] / 1e6:.0f} MB ({r['bytes_vs_dense']:.2f}x)"),
                ("decode tok/s", opt("decode_tok_s", ".1f")), ("x dense", opt("decode_x_dense", ".2f")),
-               ("train s/step", opt("step_s_median", ".2f")), ("long-context score", opt("long_context", ".2f"))]
+               ("train s/step", opt("step_s_median", ".2f")),
+               (f"{args.lc_task} @ {args.lc_length} (%)", opt("long_context", ".0f"))]
     commands = [("method", "method"), ("x control over", lambda r: r.get("control") or "-"),
                 ("convert flags", lambda r: r.get("convert_flags") or "-"),
                 ("train flags", lambda r: r.get("train_flags") or "-"), ("command", lambda r: f"`{r['command']}`")]
@@ -208,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         f"decode tok/s: greedy `upcycle.generate`, batch 1, {args.new_tokens} new tokens after a "
         f"{prompt.shape[1]}-token prompt, prefill excluded, median of {args.reps} repetitions interleaved over the "
         f"rows, {args.threads} threads, same process. train s/step: median from each row's own run (rows ran one "
-        "after another on a shared 2-core machine: indicative). long-context score: not measured for these rows "
-        "(issue 14's RULER runs are separate); absent rows: recipes not run under this protocol yet.",
+        "after another on a shared 2-core machine: indicative). "
+        f"{args.lc_task} @ {args.lc_length}: the RULER-style long-context score (`upcycle.eval.ruler`, greedy, "
+        f"string_match_all in %, seed 42) over {args.lc_samples} samples of {args.lc_length} tokens; the post-hoc "
+        "oracle (masks in memory only) has none. Absent rows: recipes not run under this protocol yet.",
     ]
     write_result("bakeoff", {"machine": machine}, rows, columns,
                  "Bake-off: every recipe on SmolLM2-135M at equal training tokens, quality vs decode speed",
