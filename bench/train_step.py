@@ -225,8 +225,14 @@ def main(argv=None) -> int:
     for r in ratios:
         print(f"{r['seq_len']:>8} {r['time']:>6.3f}x {r['peak_mem']:>8.3f}x {r['step_mem']:>8.3f}x")
     what = "CPU time of the process" if device == "cpu" else "synchronized wall time"
-    notes = [f"One step = forward + backward + AdamW of the `upcycle.train` objective, batch 1; layer shape d "
-             f"{args.hidden}, d_ff {args.ffn}, {args.layers} layer(s), vocabulary {args.vocab}, keep {args.keep} of "
+    if args.model:  # a real checkpoint's own shape
+        c = json.loads((Path(args.model) / "config.json").read_text())
+        shape = (f"the whole model {Path(args.model).name} (d {c['hidden_size']}, d_ff {c['intermediate_size']}, "
+                 f"{c['num_hidden_layers']} layers, vocabulary {c['vocab_size']})")
+    else:
+        shape = f"layer shape d {args.hidden}, d_ff {args.ffn}, {args.layers} layer(s), vocabulary {args.vocab}"
+    notes = [f"One step = forward + backward + AdamW of the `upcycle.train` objective, batch 1"
+             f"{', bf16 autocast' if args.bf16 else ''}; {shape}, keep {args.keep} of "
              f"{args.bank_size}{', activation checkpointing' if args.grad_ckpt else ''}. step s: the median of "
              f"{args.reps} steps per method ({what}), the methods alternating (ABBA). peak MB = state (weights + "
              "AdamW moments) + step MB (the step's peak above what was resident before it)."]
