@@ -58,9 +58,11 @@ def ffn_cost(model: torch.nn.Module) -> dict:
         if not name.endswith(".mlp"):
             continue
         if name in bank:  # kept channels' gate/up/down rows + the predictor's bytes (16-bit-FFN units)
-            p = sum(w.numel() for w in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight))
+            ws = (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+            p = sum(w.numel() for w in ws)
             frac = m.target_keep / m.bank_size
-            active += frac * p
+            # nonzero weights only (stacked on N:M: half of them); the decode kernel still reads whole kept rows
+            active += frac * sum(int(torch.count_nonzero(w)) for w in ws)
             nbytes += frac * p * m.gate_proj.weight.element_size() + predictor_bytes_fraction(model) * p * 2
         elif hasattr(m, "experts") and hasattr(m, "top_k"):  # router + the top-k experts + a shared expert
             experts = sum(w.numel() for w in m.experts.parameters())

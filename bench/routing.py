@@ -15,6 +15,7 @@ the same tokens with the same distillation: `--dense`), at 0 tokens and every --
     python bench/routing.py run --name budget-0.2 --convert "--predictor-budget 0.2"
     python bench/routing.py run --name keep-warmup --train "--keep-warmup-steps 60"
     python bench/routing.py run --name posthoc-predictor --steps 0 --convert "--predictor lowrank --init calibrate"
+    python bench/routing.py run --name stacked --steps 0 --base nm-sparsegpt   # bank-sparse on the 2:4 model
     python bench/routing.py report
     python bench/routing.py reeval     # rows measured before the saved (finalized) model was evaluated
 
@@ -75,10 +76,15 @@ def run(args) -> None:
     evaluator = HeldOut(tok, held, args.eval_windows, density=True)
     run_dir = Path(tempfile.mkdtemp(prefix=f"{args.name}-", dir=work))
     t0 = time.perf_counter()
-    model_dir = base
+    model_dir, start = base, base
+    if args.base:  # stack on another row's saved model (e.g. bank-sparse routing on an N:M one)
+        saved = {r["method"]: r for r in json.loads((Path(args.out) / "routing.json").read_text())["rows"]}
+        if args.base not in saved or not Path(saved[args.base]["model_dir"]).exists():
+            sys.exit(f"--base {args.base}: no such row with a saved model in {args.out}/routing.json")
+        start = Path(saved[args.base]["model_dir"])
     if not args.dense:
         model_dir = run_dir / "converted"
-        argv = ["convert", "--model", str(base), "--out", str(model_dir), "--data", str(train_dir)]
+        argv = ["convert", "--model", str(start), "--out", str(model_dir), "--data", str(train_dir)]
         if cli(argv + shlex.split(args.convert)):
             sys.exit("upcycle convert failed")
     convert_s = time.perf_counter() - t0
@@ -133,7 +139,8 @@ def run(args) -> None:
            "routing_params": sum(p.numel() for n, p in model.named_parameters() if is_predictor_param(n)),
            "step_s_median": sorted(step_times)[len(step_times) // 2] if step_times else None,
            "convert_s": convert_s, "train_s": train_s,
-           "convert_flags": args.convert, "train_flags": args.train, "control": args.control, "final_evaluated": True,
+           "convert_flags": (f"(on {args.base}) " if args.base else "") + args.convert, "train_flags": args.train,
+           "control": args.control, "final_evaluated": True,
            "command": machine_record("cpu", script=__file__)["command"]}
     print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
     path = Path(args.out) / "routing.json"
@@ -255,6 +262,8 @@ def main() -> None:
     ap.add_argument("--convert", default="", help="extra `upcycle convert` flags")
     ap.add_argument("--train", default="", help="extra `upcycle train` flags")
     ap.add_argument("--train-corpus", choices=list(FILES), default="wikitext2")
+    ap.add_argument("--base", default=None, help="convert another row's saved model instead of the dense parent "
+                    "(e.g. --base nm-sparsegpt: bank-sparse routing stacked on the 2:4 model)")
     ap.add_argument("--control", default="dense-continued", help="the row this one is compared with (x control)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=100, help="held-out ppl every N steps (100: 51K tokens)")
