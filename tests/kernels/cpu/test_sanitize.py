@@ -50,3 +50,22 @@ def test_a_compile_error_names_the_file_and_line(tmp_path, monkeypatch):
         pytest.skip("no C compiler")
     with pytest.raises(build.CompileError, match=rf"{src}/broken\.c:2:\d+: error"):
         build.build("broken.c", "broken")
+
+
+def test_lazy_library_builds_once_and_a_failed_build_only_costs_speed(caplog):
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise build.CompileError("no.c:1:1: error: nope")
+
+    lazy = build.LazyLibrary(broken, "test kernel", "running the torch path")
+    with caplog.at_level("WARNING"):
+        assert lazy.get() is None and lazy.get() is None
+    assert calls == [1]  # tried once, not on every call
+    assert lazy.error.startswith("CompileError") and "nope" in lazy.error
+    assert sum("test kernel unavailable" in r.message for r in caplog.records) == 1
+
+    sentinel = object()
+    ok = build.LazyLibrary(lambda: calls.append(2) or sentinel, "ok kernel", "-")
+    assert ok.get() is sentinel and ok.get() is sentinel and ok.error is None and calls == [1, 2]
