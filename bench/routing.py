@@ -227,23 +227,27 @@ def plot(rows: list[dict], png: Path, parent: dict | None) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=False)
+    colors = plt.get_cmap("tab20").colors  # one distinct colour per row (the default cycle repeats after 10)
     for ax, key, title in ((axes[0], "ppl_in", "in-domain (held-out training corpus)"),
                            (axes[1], "ppl_out", "out-of-domain (never trained on)")):
-        for r in rows:
+        for i, r in enumerate(rows):
             xs = [p["tokens"] / 1000 for p in r["curve"]]
-            ax.plot(xs, [p[key] for p in r["curve"]], marker="o", ms=3, ls="--" if r["dense"] else "-",
-                    label=r["method"])
+            ax.plot(xs, [p[key] for p in r["curve"]], marker="s" if r["dense"] else "o", ms=4,
+                    ls="--" if r["dense"] else "-", color=colors[(2 * i) % 20 + (2 * i) // 20 % 2],
+                    label=r["method"] + (" (dense)" if r["dense"] else "" if len(r["curve"]) > 1 else " (post-hoc)"))
         if parent:
             ax.axhline(parent[key], color="k", lw=0.8, label="dense parent")
         ax.set(xlabel="training tokens (thousands)", ylabel="held-out perplexity (lower is better)", yscale="log",
-               title=f"{title}: sparse vs the dense control")
+               title=title)
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
-        ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M: held-out perplexity during continual training (16 of 64 channels per bank)")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, title="row (dashed: dense)")
+    fig.suptitle("SmolLM2-135M: held-out perplexity during continual training (lower is better; single dots: "
+                 "post-hoc rows, no training)")
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
