@@ -297,13 +297,10 @@ def export_check(model_dir: Path, held: HeldOut, work: Path) -> dict:
     return {"export_max_abs_diff": diff, "export_class": cls}
 
 
-def quality(args) -> None:
-    import upcycle
-    from upcycle.cli import main as cli
+def _real_setup(args) -> tuple[dict, Path, Path, dict[str, str], Path, object]:
+    """What the real-checkpoint subcommands share: threads, the machine record, the work folder, the one train /
+    held-out cut, the dense parent and its tokenizer."""
     from upcycle.io import load_pretrained
-    from upcycle.train import train
-    from upcycle.train.config import TrainConfig
-    from upcycle.train.metrics import read_metrics
 
     torch.set_num_threads(args.threads)
     machine = machine_record("cpu", script=__file__)
@@ -311,8 +308,19 @@ def quality(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     train_dir, held_text = split_texts(work)
     base = Path(args.dense_dir)
-    _, tok = load_pretrained(base)
+    return machine, work, train_dir, held_text, base, load_pretrained(base)[1]
+
+
+def quality(args) -> None:
+    import upcycle
+    from upcycle.cli import main as cli
+    from upcycle.train import train
+    from upcycle.train.config import TrainConfig
+    from upcycle.train.metrics import read_metrics
+
+    machine, work, train_dir, held_text, base, tok = _real_setup(args)
     held = HeldOut(tok, held_text, args.eval_windows)
+
     def put_row(name: str, row: dict) -> None:  # merged into the file as it is now (other runs write it too)
         state = load_state()
         state.update(quality_machine=machine, dense_dir=str(base), eval_windows=args.eval_windows)
@@ -500,17 +508,11 @@ def export(args) -> None:
     """Convert, train --steps, `upcycle export --to hf`, reload with plain transformers, compare fp32 logits."""
     import upcycle
     from upcycle.cli import main as cli
-    from upcycle.io import load_pretrained
     from upcycle.train import train
     from upcycle.train.config import TrainConfig
 
-    torch.set_num_threads(args.threads)
-    machine = machine_record("cpu", script=__file__)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    train_dir, held_text = split_texts(work)
-    base = Path(args.dense_dir)
-    held = HeldOut(load_pretrained(base)[1], held_text, 1)
+    machine, work, train_dir, held_text, base, tok = _real_setup(args)
+    held = HeldOut(tok, held_text, 1)
     rows = []
     for name in args.methods.split(","):
         run = work / f"export-{name}"

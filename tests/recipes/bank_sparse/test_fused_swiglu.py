@@ -41,17 +41,22 @@ def test_fused_equals_unfused_values_and_gradients(monkeypatch, alpha, aux):
         assert torch.allclose(x, y, atol=1e-5), name  # aux sums in fp32
 
 
+def _forward_counting(model, ids, fn):
+    """A training forward of `model` on `ids` and the calls it made to the autograd function `fn`."""
+    calls = []
+    orig = fn.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fn, "apply", lambda *a: calls.append(1) or orig(*a))
+        return model(ids).logits, calls
+
+
 def test_module_training_forward_uses_the_fused_path_and_matches_inference():
     from upcycle.testing import tiny_model
 
     model = tiny_model(vocab_size=512)
     upcycle.convert(model, upcycle.BankSparseConfig(keep=16), progress=False)
     ids = torch.randint(0, 512, (2, 24))
-    calls = []
-    orig = _FusedMaskedSwiGLU.apply
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_FusedMaskedSwiGLU, "apply", lambda *a: calls.append(1) or orig(*a))
-        train_logits = model(ids).logits
+    train_logits, calls = _forward_counting(model, ids, _FusedMaskedSwiGLU)
     with torch.no_grad():
         eval_logits = model(ids).logits
     assert len(calls) == len(list(sparse_ffns(model)))
@@ -103,11 +108,7 @@ def test_shadow_module_training_takes_the_fused_path_and_matches_inference():
     for m in ffns:  # a non-zero learned bias, so the test sees it in the ranking
         torch.nn.init.normal_(m.predictor.bias, std=0.5)
     ids = torch.randint(0, 512, (2, 24))
-    calls = []
-    orig = _FusedShadowSwiGLU.apply
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_FusedShadowSwiGLU, "apply", lambda *a: calls.append(1) or orig(*a))
-        train_logits = model(ids).logits
+    train_logits, calls = _forward_counting(model, ids, _FusedShadowSwiGLU)
     train_logits.float().pow(2).mean().backward()
     assert len(calls) == len(ffns)
     assert all(m.predictor.bias.grad is not None and m.predictor.bias.grad.abs().sum() > 0 for m in ffns)
