@@ -226,9 +226,7 @@ class _FusedShadowSwiGLU(torch.autograd.Function):
                 if sparse:
                     top = banks.topk(keep + 1 if learns else keep, dim=-1, sorted=learns)
                     if given is None:
-                        view = mask[rows].view(-1, n_banks, bank_size)
-                        view.zero_()
-                        view.scatter_(-1, top.indices[..., :keep], True)
+                        _scatter_indices(mask[rows], top.indices[..., :keep])
                 if learns:  # centred on the midpoint between the keep-th and (keep+1)-th score of each bank
                     thr = (top.values[..., keep - 1] + top.values[..., keep]) / 2 if sparse else banks.amin(-1) - 1
                     torch.sub(banks, thr[..., None], out=z_saved[rows].view(-1, n_banks, bank_size))
@@ -268,7 +266,12 @@ def _scatter_topk(mask_rows: Tensor, scores: Tensor, bank_size: int, keep: int) 
     """mask_rows[...] = bank_topk_mask(scores, bank_size, keep), written in place (no temporary mask)."""
     n, d_ff = scores.shape
     idx = scores.reshape(n, d_ff // bank_size, bank_size).topk(keep, dim=-1, sorted=False).indices
-    view = mask_rows.view(n, d_ff // bank_size, bank_size)
+    _scatter_indices(mask_rows, idx)
+
+
+def _scatter_indices(mask_rows: Tensor, idx: Tensor) -> None:
+    """mask_rows [n, d_ff] = True exactly at the per-bank positions idx [n, n_banks, k], in place."""
+    view = mask_rows.view(*idx.shape[:2], -1)
     view.zero_()
     view.scatter_(-1, idx, True)
 
