@@ -34,11 +34,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, HeldOut, Table, machine_record, write_result
+from common import RESULTS, Table, machine_record, write_result
 from real_model import dense_dir
 from routing import FILES, reeval, split
 
 import upcycle
+from upcycle.eval.perplexity import HeldOut
 
 ORDER = ["dense-continued", "posthoc-oracle", "posthoc-shadow", "posthoc-predictor", "default", "pure-shadow",
          "budget-0.2", "mass-allocation", "keep-warmup", "moe-copy-8x2", "moe-split-25", "nm-magnitude",

@@ -203,30 +203,3 @@ def write_result(name: str, record: dict, rows: list[dict], columns: list[Column
     return stem
 
 
-class HeldOut:
-    """Held-out perplexity of a model on each corpus: the first `windows` windows of `seq_len` tokens, in eval
-    mode. `density`: also "ffn_density", what the FFNs actually computed (`upcycle eval`'s statistic)."""
-
-    def __init__(self, tokenizer, held: dict[str, str], windows: int, seq_len: int = 512, density: bool = False):
-        from upcycle.data import tokenize
-
-        self.ids = {k: tokenize(tokenizer, v)[: windows * seq_len] for k, v in held.items()}
-        self.seq_len, self.density = seq_len, density
-
-    @torch.no_grad()
-    def __call__(self, model) -> dict[str, float]:
-        import contextlib
-
-        from upcycle.eval.perplexity import perplexity
-        from upcycle.eval.stats import FFNStats
-
-        was = model.training
-        model.eval()
-        try:
-            with FFNStats(model) if self.density else contextlib.nullcontext() as st:
-                out = {k: perplexity(model, ids, seq_len=self.seq_len)["ppl"] for k, ids in self.ids.items()}
-            if self.density:
-                out["ffn_density"] = st.summary()["ffn_density"]
-            return out
-        finally:
-            model.train(was)

@@ -307,31 +307,56 @@ def run_cli(argv: list[str], log_path: Path) -> dict | None:
 def cmd_tasks(args) -> int:
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    rows, results = [], {}
+    previous = json.loads((RESULTS / f"{args.name}.json").read_text()) if args.append else {}
+    rows, results, commands = list(previous.get("rows", [])), {}, list(previous.get("commands", []))
     for label, path in (("dense", args.reference), ("sparse", args.model), *[(f"repaired ({p})", p) for p in
                                                                              args.extra]):
         argv = ["eval", "--model", path, "--task", args.tasks, "--lengths", args.lengths, "--samples",
                 str(args.samples), "--seed", str(args.seed), "--device", "cpu", "--json"]
+        if args.haystack:
+            argv += ["--haystack", args.haystack]
         r = run_cli(argv, out / f"eval-{len(results)}.log")
         if r is None:
             return 1
         results[label] = r
+        commands.append("upcycle " + shlex.join(argv))
         for task, by_len in r["tasks"].items():
             for n, t in by_len.items():
+                rows = [x for x in rows if (x["method"], x["task"], x["seq_len"]) != (label, task, int(n))]
                 rows.append({"method": label, "task": task, "seq_len": int(n), "score": t["score"],
                              "ruler": t["ruler_score"], "n": t["n"], "ffn_density": t.get("ffn_density"),
                              "prompt_tokens": t["prompt_tokens"]})
-    record = {"machine": machine_record("cpu", script=__file__), "commands": [
-        f"upcycle eval --model {p} --task {args.tasks} --lengths {args.lengths} --samples {args.samples} --seed "
-        f"{args.seed}" for p in (args.reference, args.model, *args.extra)], "raw": results}
+    order = {"dense": 0, "sparse": 1}
+    rows.sort(key=lambda r: (r["task"], r["seq_len"], order.get(r["method"], 2), r["method"]))
+    record = {"machine": machine_record("cpu", script=__file__), "commands": commands,
+              "raw": {**previous.get("raw", {}), **{f"{k} {args.tasks} {args.lengths}": v for k, v in results.items()}}}
     cols = [("task", "task"), ("seq_len", "seq_len"), ("method", "method"), ("score", "score", ".3f"),
             ("RULER %", "ruler", ".2f"), ("n", "n"), ("FFN density", "ffn_density", ".4f"),
             ("prompt tokens", "prompt_tokens", ".0f")]
-    rows.sort(key=lambda r: (r["task"], r["seq_len"]))
-    write_result(args.name, record, rows, cols, "RULER scores per length: dense, sparse" + (", repaired" if args.extra
-                 else ""), [f"SmolLM2-135M, greedy decoding from prompt + answer prefix, {args.samples} samples per "
-                            "(task, length), RULER string_match_all in [0, 1] (score) and percent (RULER %)."])
+    write_result(args.name, record, rows, cols, "RULER scores per length: dense, sparse" + (
+        ", repaired" if any(r["method"].startswith("repaired") for r in rows) else ""), _task_notes(rows, commands))
     return 0
+
+
+def _task_notes(rows: list[dict], commands: list[str]) -> list[str]:
+    """What the table says, computed from its rows: which tasks the dense model can do at its shortest length
+    (score >= 0.5: the issue's qualifying rule) and the largest sparse-vs-dense gap."""
+    dense = {(r["task"], r["seq_len"]): r["score"] for r in rows if r["method"] == "dense"}
+    sparse = {(r["task"], r["seq_len"]): r["score"] for r in rows if r["method"] == "sparse"}
+    shortest = {t: min(n for tt, n in dense if tt == t) for t, _ in dense}
+    qualify = sorted(t for t, n in shortest.items() if dense[t, n] >= 0.5)
+    rest = sorted(set(shortest) - set(qualify))
+    gaps = sorted(((dense[k] - sparse[k], k) for k in dense if k in sparse), reverse=True)
+    notes = ["SmolLM2-135M, greedy decoding from prompt + answer prefix, seed 42, RULER string_match_all in [0, 1] "
+             "(score) and percent (RULER %); n samples per (task, length).",
+             f"Qualifying tasks (dense >= 0.5 at its shortest length here): {', '.join(qualify) or 'none'}"
+             + (f"; below it: {', '.join(f'{t} {dense[t, shortest[t]]:.2f}' for t in rest)}" if rest else "") + "."]
+    if gaps:
+        g, (task, n) = gaps[0]
+        notes.append(f"Largest sparse-vs-dense gap: {task} at {n} tokens, {dense[task, n]:.2f} -> {sparse[task, n]:.2f}"
+                     if g > 0 else "The sparse model scores at least the dense reference on every (task, length).")
+    notes.append("Commands: " + "; ".join(f"`{c}`" for c in commands))
+    return notes
 
 
 def cmd_diagnose(args) -> int:
@@ -343,6 +368,8 @@ def cmd_diagnose(args) -> int:
         argv += ["--reference", args.reference]
     if args.layers:
         argv += ["--layers", args.layers]
+    if args.haystack:
+        argv += ["--haystack", args.haystack]
     out.mkdir(parents=True, exist_ok=True)
     r = run_cli(argv, out / "diagnose.log")
     if r is None:
@@ -371,6 +398,8 @@ def cmd_repair(args) -> int:
             argv += [flag, str(value)]
     if args.data:
         argv += ["--data", *args.data]
+    if args.haystack:
+        argv += ["--haystack", args.haystack]
     out.parent.mkdir(parents=True, exist_ok=True)
     r = run_cli(argv, out.parent / f"{out.name}.repair.log")
     if r is None:
@@ -406,6 +435,9 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--work", default="/tmp/long_context_tasks")
     t.add_argument("--name", default="long_context_tasks")
+    t.add_argument("--haystack", help="essay text for the essay-haystack tasks (upcycle eval --haystack)")
+    t.add_argument("--append", action="store_true", help="merge into the existing result of --name (other tasks "
+                   "or lengths; a re-measured (model, task, length) replaces its row)")
     d = sub.add_parser("diagnose")
     d.add_argument("--model", required=True)
     d.add_argument("--reference")
@@ -417,6 +449,7 @@ def main(argv=None) -> int:
     d.add_argument("--layers")
     d.add_argument("--out", default="/tmp/long_context_diagnosis")
     d.add_argument("--name", default="long_context_diagnosis")
+    d.add_argument("--haystack", help="essay text for the essay-haystack tasks")
     r = sub.add_parser("repair")
     r.add_argument("--model", required=True)
     r.add_argument("--reference")
@@ -431,6 +464,7 @@ def main(argv=None) -> int:
     r.add_argument("--lengths")
     r.add_argument("--out", default="/tmp/long_context_repaired")
     r.add_argument("--name", default="long_context_repair")
+    r.add_argument("--haystack", help="essay text for the essay-haystack tasks")
     s = sub.add_parser("_step")
     s.add_argument("model")
     s.add_argument("seq_len", type=int)

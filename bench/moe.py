@@ -2,8 +2,9 @@
 table on a real checkpoint (SmolLM2-135M) against the dense-continued control and the bank-sparse default.
 
     python bench/moe.py timing                 # a training step and batch-1 decode, 8 experts top-2 (CPU)
-    python bench/moe.py quality --steps 200    # every row below, one at a time (hours on 2 CPU cores)
-    python bench/moe.py quality --only moe-copy-8x2 --steps 200
+    python bench/routing.py run --name moe-copy-8x2 --convert "--recipe moe --num-experts 8 --top-k 2" \
+        --train "--precision bf16"                           # the quality rows: bench/routing.py runs, then
+    python bench/moe.py quality                # the table from them + routing stats + export check
     python bench/moe.py report                 # redraw bench/results/moe.md from bench/results/moe.json
     python bench/moe.py export --steps 10      # export round trip of trained MoE models: bench/results/moe_export.md
 
@@ -13,17 +14,15 @@ experts), fp32, on the same weights: upcycle's MoESwiGLU (grouped_mm, and its pe
 transformers' MixtralSparseMoeBlock (its eager loop, and its grouped_mm path), interleaved in one loop; then
 the same for one token (batch-1 decode, no grad).
 
-quality: the dense parent (fp32, /work/cache/smollm2-135m-dense or --dense-dir) and rows trained with the same
-`upcycle train` settings (seq 256 x batch 2 = 512 tokens per step, --steps, LR 1e-4, distillation from the
-dense parent with KL weight 1), each converted with the CLI first:
-  dense-continued         the dense parent trained the same way (the matched-token control)
-  moe-copy-8x2            upcycle convert --recipe moe --num-experts 8 --top-k 2 (copies, 2x active FFN)
-  moe-split-16x4          --moe-init split --num-experts 16 --top-k 4 --split-by cluster --router-init calibrate
-                          --expert-scale 4 (16 slices of the FFN, 4 per token: 25% of the FFN, like bank-sparse
-                          16-of-64; the 4 selected slices summed at weight ~1)
-  bank-sparse-default     upcycle convert (16 of every 64 channels, 2-bit shadow predictor)
-Text: the first 85% of ../shared/data WikiText-2 test and TinyStories validation for training (what
-bench/real_model.py uses), their last 15% held out: the first --eval-windows windows of 512 tokens each.
+quality: the bake-off's protocol (bench/routing.py: same text split, 200 steps x 512 tokens, KL to the dense
+parent, bf16 autocast, 2 threads); the rows are routing.py runs, read from bench/results/routing.json:
+  dense / dense-continued the parent, and the parent trained the same way (the matched-token control)
+  moe-copy-8x2            --recipe moe --num-experts 8 --top-k 2 (copies, 2x active FFN)
+  moe-split-25            --recipe moe --moe-init split --num-experts 16 --top-k 4 --split-by cluster
+                          --router-init calibrate --expert-scale 4 (16 slices of the FFN, 4 per token: 25% of the
+                          FFN, like bank-sparse 16-of-64; the 4 selected slices summed at weight ~1)
+  default                 the bank-sparse defaults (16 of every 64 channels, 2-bit shadow predictor)
+MoE rows add the routing statistics of their last step, the expert-load heatmap and the export round trip.
 """
 
 from __future__ import annotations
@@ -39,8 +38,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, RESULTS, HeldOut, Table, abba, machine_record, quartiles, time_interleaved, write_result
+from common import REPO, RESULTS, Table, abba, machine_record, quartiles, time_interleaved, write_result
 from real_model import split_texts  # the one train / held-out cut every real-model bench shares
+
+from upcycle.eval.perplexity import HeldOut
 
 SHARED = REPO.parent / "shared" / "data"
 FILES = {"wikitext2": "wikitext-2-raw-test.txt", "tinystories": "tinystories-val.txt"}
@@ -53,11 +54,11 @@ METHODS = {
     "dense": None,
     "dense-continued": None,
     "moe-copy-8x2": "--recipe moe --num-experts 8 --top-k 2",
-    "moe-split-16x4": "--recipe moe --moe-init split --num-experts 16 --top-k 4 --split-by cluster "
+    "moe-split-25": "--recipe moe --moe-init split --num-experts 16 --top-k 4 --split-by cluster "
                       "--router-init calibrate --expert-scale 4",
     "bank-sparse-default": "",
 }
-ORDER = ["dense", "moe-copy-8x2", "moe-split-16x4", "bank-sparse-default", "dense-continued"]
+ORDER = ["dense", "dense-continued", "moe-copy-8x2", "moe-split-25", "default"]  # bench/routing.py row names
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -95,33 +96,33 @@ def save_state(state: dict, machine: dict) -> None:
                    f"teacher's forward, KL + CE + the recipe's aux losses, backward, clipping, AdamW), "
                    f"{state['steptime']['steps']} timed steps per model per round after a warm-up, "
                    f"{state['steptime']['rounds']} rounds in A B .. B A order (the models are built one at a time). "
-                   "moe-split-16x4 here is a contiguous split with a random router (the same shapes and compute as "
+                   "moe-split-25 here is a contiguous split with a random router (the same shapes and compute as "
                    "the clustered, calibrated one)."]
         cols = [("provider", "provider"), ("median s/step", "median_s", ".2f"), ("p25", "p25_s", ".2f"),
                 ("p75", "p75_s", ".2f"), ("x dense", "x_dense", ".2f"), ("n", "n")]
         tables.append(Table(state["steptime"]["rows"], cols, "Training step time on SmolLM2-135M, same run", s_notes,
                             key="steptime"))
     if quality:
-        qm = state["quality_machine"]
         base = state["quality"].get("dense-continued") or {}
+        rm = state.get("routing_machine") or {}
         q_notes = [
             f"Parent: {state.get('dense_dir', DENSE)} (SmolLM2-135M, fp32; Llama, 30 layers, d 576, d_ff 1536). "
-            f"Held-out: the last 15% of WikiText-2 test and TinyStories validation, first "
-            f"{state.get('eval_windows')} x 512-token windows each; training text: the first 85% "
-            f"(bench/real_model.py's split). Every trained row: `upcycle train` seq 256 x batch 2 (512 tokens/step), "
-            f"LR 1e-4 (5% warm-up, "
-            f"cosine to 10%), KL to the dense parent (weight 1), fp32, {qm['threads']} thread(s); `upcycle convert` "
-            "first with the flags in the command column (the MoE rows' teacher is the parent recorded by convert).",
+            "Every row is a bench/routing.py run (the bake-off's protocol; its command in the last column): "
+            "`upcycle convert` with the row's flags, then `upcycle train` 200 steps of seq 256 x batch 2 (512 "
+            "tokens/step, 102K tokens) on the first 85% of WikiText-2 test, LR 1e-4 (5% warm-up, cosine to 10%), KL "
+            "to the dense parent (weight 1), bf16 autocast, 2 threads. Held-out: WikiText-2's last 15% (in-domain) "
+            f"and TinyStories validation's last 15% (out-of-domain, never trained on), first "
+            f"{state.get('eval_windows')} x 512-token windows each. Rows ran one after another on "
+            f"{rm.get('cpu', 'this machine')}.",
             "Columns: ppl (x the dense-continued control at equal tokens); step 0 = the converted model before "
             "training; active / total FFN params = FFN parameters one token reads / all FFN parameters, summed over "
             "the 30 layers (MoE: router + top-k experts; bank-sparse: the kept 25% of gate/up/down rows, its 2-bit "
             "shadow predictor reads 0.097 of the dense FFN bytes on top); step s = median seconds per optimizer step "
-            "(512 tokens, incl. the teacher's forward) from metrics.jsonl; export = max |logit difference| of the "
-            "trained model exported with `upcycle export --to hf` and reloaded by AutoModelForCausalLM, on one "
-            "held-out window.",
+            "(512 tokens, incl. the teacher's forward) of the row's run (a shared 2-core machine: indicative); "
+            "export = max |logit difference| of the trained model exported with `upcycle export --to hf` and "
+            "reloaded by AutoModelForCausalLM, fp32, on one held-out window.",
         ]
-        cols = [("method", lambda r: r["method"] + (" (partial)" if r.get("partial") else "")
-                  + (" (from real_model.json)" if r.get("source") else "")), ("train tokens", "train_tokens")]
+        cols = [("method", "method"), ("train tokens", "train_tokens")]
         for c in FILES:
             cols.append((f"{CORPUS_NAMES[c]} ppl", lambda r, c=c, b=base: _ppl_cell(r, c, b)))
         for c in FILES:
@@ -134,7 +135,7 @@ def save_state(state: dict, machine: dict) -> None:
                   + (f" ({r['step_s_note']})" if r.get("step_s_note") else "")),
                  ("export max diff", lambda r: "" if r.get("export_max_abs_diff") is None else
                   f"{r['export_max_abs_diff']:.1e} ({r['export_class']})"),
-                 ("command", lambda r: f"`{r['convert']}`" if r.get("convert") is not None else "")]
+                 ("command", lambda r: f"`{r['command']}`" if r.get("command") else "")]
         curve = [f"{r['method']}: " + ", ".join(f"step {p['step']}: " + " / ".join(f"{p['ppl'][c]:.2f}" for c in FILES)
                                                  for p in r.get("curve", [])) for r in quality if r.get("curve")]
         q_notes.append("Held-out ppl during training (WikiText-2 / TinyStories): " + "; ".join(curve))
@@ -144,16 +145,9 @@ def save_state(state: dict, machine: dict) -> None:
                    f"(heatmap: `{r['heatmap']}`)" for r in quality if r.get("final", {}).get("load_balance")]
         if routing:
             q_notes.append("Routing at the last step: " + "; ".join(routing))
-        q_notes.append(f"Measured with `{qm['command']}` (each row ran alone, one after another) on {qm['cpu']}; "
-                       f"load average {qm['load_average']} at the start (a 2-core machine shared with other jobs: "
-                       "step times are indicative).")
-        imported = [f"{r['method']}: {r['source']}" for r in quality if r.get("source")]
-        if imported:
-            q_notes.append("Rows not re-run here, taken from the same parent, text split, `upcycle train` settings "
-                           "and step count (measured earlier on this machine): " + "; ".join(imported) + ".")
-        partial = [f"{r['method']}: {r['partial']}" for r in quality if r.get("partial")]
-        if partial:
-            q_notes.append("Partial rows (the run was still going or was stopped): " + "; ".join(partial) + ".")
+        if state.get("quality_missing"):
+            q_notes.append("Rows not run under this protocol yet (absent): " + ", ".join(state["quality_missing"])
+                           + ".")
         q_notes += state.get("quality_notes", [])
         tables.append(Table(quality, cols, "Quality on SmolLM2-135M at equal training tokens", q_notes,
                             key="quality_rows"))
@@ -312,94 +306,65 @@ def _real_setup(args) -> tuple[dict, Path, Path, dict[str, str], Path, object]:
 
 
 def quality(args) -> None:
+    """The quality table from bench/routing.py's rows (the bake-off's one protocol), plus what only MoE rows have:
+    the routing statistics at the last step (metrics.jsonl), the expert-load heatmap and the export round trip."""
+    from routing import split
+
     import upcycle
-    from upcycle.cli import main as cli
-    from upcycle.train import train
-    from upcycle.train.config import TrainConfig
+    from upcycle.io import load_pretrained
     from upcycle.train.metrics import read_metrics
 
-    machine, work, train_dir, held_text, base, tok = _real_setup(args)
-    held = HeldOut(tok, held_text, args.eval_windows)
-
-    def put_row(name: str, row: dict) -> None:  # merged into the file as it is now (other runs write it too)
-        state = load_state()
-        state.update(quality_machine=machine, dense_dir=str(base), eval_windows=args.eval_windows)
-        state.setdefault("quality", {})[name] = row
-        save_state(state, machine)
-
-    methods = [m for m in ORDER if not args.only or m in args.only.split(",")]
-    for name in methods:
-        t0 = time.perf_counter()
-        run = work / name
-        row: dict = {"method": name, "steps": 0 if name == "dense" else args.steps}
-        if name == "dense":
-            model = upcycle.load(base)
-            row.update(ppl=held(model), train_tokens=0, convert=None, **ffn_params(model))
-        else:
-            previous = load_state().get("quality", {}).get(name, {})
-            resume = args.resume and any((run / "train" / "checkpoints").glob("step_*")) and previous.get("partial")
-            if not resume:
-                shutil.rmtree(run, ignore_errors=True)
-                run.mkdir(parents=True)
-            model_dir = base
-            if resume:  # a killed run (e.g. out of memory) continues from its newest checkpoint
-                row = {k: v for k, v in previous.items() if k not in ("partial", "ppl")}
-                row["resumed"] = row.get("resumed", 0) + 1
-                model_dir = run / "converted" if name != "dense-continued" else base
-            elif name != "dense-continued":
-                model_dir = run / "converted"
-                data = name != "moe-copy-8x2"  # calibration (split), the predictor recall report (bank-sparse)
-                flags = METHODS[name] + (" --data " + str(train_dir) if data else "")
-                row["convert"] = ("upcycle convert --model DENSE --out C " + METHODS[name].strip()
-                                  + (" --data TRAIN" if data else ""))
-                if cli(["convert", "--model", str(base), "--out", str(model_dir), *shlex.split(flags)]):
-                    sys.exit(f"upcycle convert failed for {name}")
-                converted = upcycle.load(model_dir)
-                row["ppl_step0"] = held(converted)
-                row.update(ffn_params(converted))
-                del converted
-            else:
-                row["convert"] = ""
-                row.update(ffn_params(upcycle.load(base)))
-            print(name, "step 0:", row.get("ppl_step0"), flush=True)
-            curve = [{"step": 0, "ppl": row["ppl_step0"]}] if row.get("ppl_step0") else []
-            if resume:
-                curve = list(previous.get("curve", curve))
-
-            def on_eval(step, model, curve=curve, row=row, name=name, t0=t0):
-                p = held(model)
-                curve[:] = [c for c in curve if c["step"] < step] + [{"step": step, "ppl": p}]
-                print(name, "step", step, p, flush=True)
-                if step < args.steps:  # a partial row survives an interrupted run
-                    put_row(name, {**row, "ppl": p, "curve": curve, "train_tokens": step * 512,
-                                   "partial": f"stopped at step {step} of {args.steps}",
-                                   "wall_min": row.get("wall_min", 0.0) + (time.perf_counter() - t0) / 60})
-
-            cfg = TrainConfig(model=str(model_dir), data=[str(train_dir)], out=str(run / "train"), steps=args.steps,
-                              seq_len=256, batch_size=2, eval_every=args.eval_every, save_every=args.save_every,
-                              keep_checkpoints=1, resume=bool(resume), progress=True, tensorboard=False,
-                              num_threads=args.threads)
-            result = train(cfg, on_eval=on_eval)
-            gc.collect()  # the trainer's optimizer state, before the export check loads two more models
-            rows = read_metrics(run / "train" / "metrics.jsonl")
-            step_s = [512 / r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
-            last = rows[-1]
-            row.update(ppl=curve[-1]["ppl"], curve=curve, train_tokens=last["tokens"],
-                       step_s=statistics.median(step_s), final={k: last.get(k) for k in (
-                           "loss", "ce", "kl", "val_loss", "load_balance", "z_loss", "moe_max_violation",
-                           "moe_dead_experts", "moe_router_entropy")})
-            png = run / "train" / "expert_load.png"
+    torch.set_num_threads(args.threads)
+    machine = machine_record("cpu", script=__file__)
+    routing = json.loads((RESULTS / "routing.json").read_text())
+    by_name = {r["method"]: r for r in routing["rows"]}
+    missing = [m for m in ORDER[1:] if m not in by_name]
+    if "dense-continued" in missing:
+        sys.exit("bench/results/routing.json has no dense-continued row: run `python bench/routing.py run --name "
+                 "dense-continued --dense --train '--precision bf16'` first.")
+    _, held_text = split(Path(args.work), "wikitext2")
+    held = HeldOut(load_pretrained(Path(args.dense_dir))[1], held_text, 1)
+    control = by_name["dense-continued"]
+    rows = {}
+    for name in ORDER:
+        r = control if name == "dense" else by_name.get(name)
+        if r is None:
+            continue
+        model_dir = Path(args.dense_dir) if name == "dense" else Path(r["model_dir"])
+        first = r["curve"][0]
+        row = {"method": name, "train_tokens": 0 if name == "dense" else r["train_tokens"],
+               "ppl": {"wikitext2": first["ppl_in"], "tinystories": first["ppl_out"]} if name == "dense" else
+               {"wikitext2": r["ppl_in"], "tinystories": r["ppl_out"]},
+               "ppl_step0": None if name in ("dense", "dense-continued") else
+               {"wikitext2": first["ppl_in"], "tinystories": first["ppl_out"]},
+               "curve": [] if name == "dense" else [{"step": p["step"], "ppl": {"wikitext2": p["ppl_in"],
+                                                                                "tinystories": p["ppl_out"]}}
+                                                   for p in r["curve"]],
+               "step_s": None if name == "dense" else r["step_s_median"],
+               "convert": None if name in ("dense", "dense-continued") else
+               "upcycle convert --model DENSE --out C --data TRAIN " + r["convert_flags"],
+               "command": None if name == "dense" else r["command"]}
+        model = upcycle.load(model_dir)
+        row.update(ffn_params(model))
+        del model
+        gc.collect()
+        if name.startswith("moe"):
+            last = read_metrics(model_dir.parent / "metrics.jsonl")[-1]
+            row["final"] = {k: last.get(k) for k in ("load_balance", "z_loss", "moe_max_violation", "moe_dead_experts",
+                                                     "moe_router_entropy")}
+            png = model_dir.parent / "expert_load.png"
             if png.exists():
                 dest = RESULTS / f"moe_expert_load_{name}.png"
                 shutil.copy(png, dest)
                 row["heatmap"] = str(dest.relative_to(REPO))
-            if name.startswith("moe"):
-                row.update(export_check(result.model_dir, held, run))
-            if not args.keep_runs:
-                shutil.rmtree(run / "train" / "checkpoints", ignore_errors=True)
-        row["wall_min"] = row.get("wall_min", 0.0) + (time.perf_counter() - t0) / 60
-        put_row(name, row)
-        print(json.dumps(row), flush=True)
+            row.update(export_check(model_dir, held, Path(args.work) / f"export-{name}"))
+        rows[name] = row
+        print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    state = load_state()
+    state.update(quality=rows, quality_machine=machine, dense_dir=args.dense_dir,
+                 eval_windows=routing["rows"][0].get("eval_windows", 8), quality_missing=missing,
+                 routing_machine=routing["machine"])
+    save_state(state, machine)
 
 
 def steptime(args) -> None:
@@ -427,7 +392,7 @@ def steptime(args) -> None:
         "moe-copy-8x2 (grouped_mm)": lambda m: upcycle.convert(m, moe(num_experts=8, top_k=2), progress=False),
         "moe-copy-8x2 (loop)": lambda m: upcycle.convert(m, moe(num_experts=8, top_k=2), progress=False,
                                                          backend="loop"),
-        "moe-split-16x4": lambda m: upcycle.convert(m, moe(init="split", num_experts=16, top_k=4, expert_scale=4),
+        "moe-split-25": lambda m: upcycle.convert(m, moe(init="split", num_experts=16, top_k=4, expert_scale=4),
                                                     progress=False),
     }
 
@@ -471,31 +436,6 @@ def steptime(args) -> None:
     state = load_state()
     state["steptime"] = {"machine": machine, "rows": rows, "steps": args.steps, "rounds": args.rounds}
     save_state(state, machine)
-
-
-def import_real_model(args) -> None:
-    """Rows `default` and `dense-continued` of bench/results/real_model.json (same parent, text split, `upcycle
-    train` settings and 200 steps) as this table's bank-sparse-default and dense-continued rows, until they are
-    re-measured here."""
-    rows = json.loads((RESULTS / "real_model.json").read_text())["rows"]
-    rows = {r["method"]: r for r in (rows.values() if isinstance(rows, dict) else rows)}
-    state = load_state()
-    state.setdefault("quality", {})
-    dense = sum(3 * 576 * 1536 for _ in range(30))
-    for theirs, ours, density, flags in (("default", "bank-sparse-default", 0.25, ""),
-                                         ("dense-continued", "dense-continued", 1.0, None)):
-        r = rows[theirs]
-        steps = r["train_tokens"] // 512
-        state["quality"][ours] = {
-            "method": ours, "steps": steps, "ppl": r["ppl"], "train_tokens": r["train_tokens"],
-            "curve": [{"step": p["step"], "ppl": p["ppl"]} for p in r.get("curve", [])],
-            "ppl_step0": next((p["ppl"] for p in r.get("curve", []) if p["step"] == 0 and density < 1), None),
-            "active_ffn_params": round(density * dense), "total_ffn_params": dense, "dense_ffn_params": dense,
-            "step_s": (r["total_s"] - r.get("convert_s", 0)) / steps, "step_s_note": "incl. evals",
-            "convert": flags if flags is None else "upcycle convert --model DENSE --out C --data TRAIN",
-            "source": f"bench/results/real_model.json row {theirs!r}: `{r['command']}`",
-        }
-    save_state(state, state.get("quality_machine") or machine_record("cpu", script=__file__))
 
 
 def report(args) -> None:
@@ -551,17 +491,11 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--iters", type=int, default=7, help="timed training steps per provider")
     t.add_argument("--decode-iters", type=int, default=200, help="timed decode steps per provider")
-    q = sub.add_parser("quality")
-    q.add_argument("--steps", type=int, default=200)
-    q.add_argument("--eval-every", type=int, default=50)
-    q.add_argument("--eval-windows", type=int, default=8)
-    q.add_argument("--threads", type=int, default=1)
-    q.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(ORDER)}")
+    q = sub.add_parser("quality", help="the quality table from bench/routing.py's rows + MoE routing stats + export")
+    q.add_argument("--threads", type=int, default=2)
     q.add_argument("--dense-dir", default=str(DENSE))
-    q.add_argument("--work", default="/work/scratch/moe-bench")
-    q.add_argument("--keep-runs", action="store_true", help="keep the runs' checkpoints")
-    q.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (for --resume)")
-    q.add_argument("--resume", action="store_true", help="continue a killed run from its newest checkpoint")
+    q.add_argument("--work", default=str(Path("~/.cache/upcycle/real_model").expanduser()),
+                   help="bench/routing.py's work folder (its text split)")
     st = sub.add_parser("steptime")
     st.add_argument("--threads", type=int, default=1)
     st.add_argument("--steps", type=int, default=3, help="timed steps per model and round (after one warm-up)")
@@ -569,15 +503,13 @@ def main() -> None:
     st.add_argument("--dense-dir", default=str(DENSE))
     ex = sub.add_parser("export", help="export round trip of trained MoE models")
     ex.add_argument("--steps", type=int, default=10)
-    ex.add_argument("--methods", default="moe-copy-8x2,moe-split-16x4")
+    ex.add_argument("--methods", default="moe-copy-8x2,moe-split-25")
     ex.add_argument("--threads", type=int, default=2)
     ex.add_argument("--dense-dir", default=str(DENSE))
     ex.add_argument("--work", default="/work/scratch/moe-export")
     sub.add_parser("report")
-    sub.add_parser("import-real-model", help="take the bank-sparse and dense-continued rows from real_model.json")
     args = p.parse_args()
-    {"timing": timing, "quality": quality, "steptime": steptime, "export": export, "report": report,
-     "import-real-model": import_real_model}[args.cmd](args)
+    {"timing": timing, "quality": quality, "steptime": steptime, "export": export, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":

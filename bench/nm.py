@@ -14,6 +14,7 @@ Stages; each adds rows to bench/results/nm.json and redraws nm.md (`report` also
     python bench/nm.py train --name stacked --stack-on cast --steps 50   # bank-sparse on the CAST model
     python bench/nm.py train --name bank-sparse --method bank_sparse --steps 50  # the single recipe, same steps
     python bench/nm.py report
+    python bench/nm.py routing   # + the N:M rows trained under the bake-off's protocol (bench/routing.py runs)
 
 `oneshot` runs `upcycle convert --recipe nm --method M --data TRAIN` (what a user runs). `train` converts the same
 way (`--method cast|srste`: the checkpoint stays dense, `upcycle train` hard-prunes at its end), then trains with
@@ -35,8 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, HeldOut, Table, machine_record, write_result
+from common import RESULTS, Table, machine_record, write_result
 from real_model import split_texts  # the one train / held-out cut every real-model bench shares
+
+from upcycle.eval.perplexity import HeldOut
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = {"wikitext2": "wikitext-2-raw-test.txt", "tinystories": "tinystories-val.txt"}
@@ -195,7 +198,28 @@ def add_rows(args, rows: list[dict], model: dict | None = None) -> None:
     by_method = {r["method"]: r for r in old.get("rows", [])}
     by_method.update({r["method"]: {**r, "command": _command()} for r in rows})
     models = {**old.get("models", {}), **(model or {})}
-    write_report(args, list(by_method.values()), models)
+    write_report(args, list(by_method.values()), models, old.get("routing_rows"))
+
+
+def routing_rows(args) -> None:
+    """The N:M rows of bench/routing.py (the bake-off's protocol: 200 steps x 512 tokens, KL weight 1, LR 1e-4 unless
+    the row's flags say otherwise, bf16 autocast) with each saved model's exactness checked here."""
+    import upcycle
+
+    routing = json.loads((RESULTS / "routing.json").read_text())
+    rows = []
+    for r in routing["rows"]:
+        if r.get("recipe") != "nm" and r["method"] != "dense-continued":
+            continue
+        model = upcycle.load(r["model_dir"])
+        rows.append({"method": r["method"], "ppl_in": r["ppl_in"], "ppl_out": r["ppl_out"],
+                     "control": r.get("control", "dense-continued"), "train_tokens": r["train_tokens"],
+                     "step_s": r.get("step_s_median"), "curve": r["curve"], "command": r["command"],
+                     **(exact_of(model) if r.get("recipe") == "nm" else {"exact": None})})
+        del model
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
+    data = json.loads((Path(args.out) / f"{NAME}.json").read_text())
+    write_report(args, data["rows"], data.get("models", {}), rows)
 
 
 def _gmean(ppl: dict, ref: dict) -> float:
@@ -206,7 +230,31 @@ ORDER = ["dense", "dense-continued", "magnitude", "wanda", "sparsegpt", "magnitu
          "srste", "cast", "cast +attn", "bank-sparse", "stacked"]
 
 
-def write_report(args, rows: list[dict], models: dict) -> list[dict]:
+def _routing_table(rows: list[dict]) -> Table:
+    by = {r["method"]: r for r in rows}
+
+    def x(key):
+        return lambda r: f"{r[key] / by[r['control']][key]:.3f}" if r["control"] in by else ""
+
+    cols = [("method", "method"), ("in-domain ppl", "ppl_in", ".2f"), ("x control", x("ppl_in")),
+            ("out-of-domain ppl", "ppl_out", ".2f"), ("x control ", x("ppl_out")),
+            ("exact 2:4", lambda r: {True: "yes", False: "NO", None: "-"}[r.get("exact")]),
+            ("weight density", lambda r: f"{r['weight_density']:.3f}" if r.get("weight_density") else ""),
+            ("train tokens", "train_tokens"), ("s/step", "step_s", ".2f"),
+            ("in / out-of-domain ppl by training tokens", lambda r: "; ".join(
+                f"{p['tokens'] // 1000}K: {p['ppl_in']:.1f} / {p['ppl_out']:.2f}" for p in r["curve"])),
+            ("command", lambda r: f"`{r['command']}`")]
+    notes = ["bench/routing.py runs (the bake-off's protocol, bench/results/bakeoff.md): `upcycle convert` with the "
+             "row's flags, `upcycle train` 200 steps x 512 tokens on the first 85% of WikiText-2 test, CE + KL to the "
+             "dense parent (weight 1), LR 1e-4 unless the command says otherwise, bf16 autocast, 2 threads; in-domain "
+             "= WikiText-2's last 15%, out-of-domain = TinyStories' last 15% (never trained on). `x control` = ppl / "
+             "the dense parent continued on the same tokens with the same objective. Exactness checked here on the "
+             "saved checkpoint."]
+    return Table(rows, cols, "Trained at the bake-off's protocol (equal tokens, same distillation)", notes,
+                 key="routing_rows")
+
+
+def write_report(args, rows: list[dict], models: dict, routing: list[dict] | None = None) -> list[dict]:
     rows = sorted(rows, key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER), r["method"]))
     by = {r["method"]: r for r in rows}
     dense = by.get("dense", {}).get("ppl")
@@ -246,15 +294,17 @@ def write_report(args, rows: list[dict], models: dict) -> list[dict]:
              "zeros are kept by the N:M recipe's hooks composed with bank-sparse's. `bank-sparse`: the same conversion "
              "and steps on the dense parent (the single recipe)."]
     record = {"machine": machine_record("cpu", script=__file__), "models": models}
+    tables = [Table(curves, curve_cols, "Held-out ppl during training"), Table(rows, commands, "Commands")]
+    if routing:
+        tables.append(_routing_table(routing))
     write_result(NAME, record, rows, columns, "N:M (2:4) weight sparsity on SmolLM2-135M", notes,
-                 tables=[Table(curves, curve_cols, "Held-out ppl during training"),
-                         Table(rows, commands, "Commands")], out=args.out)
+                 tables=tables, out=args.out)
     return rows
 
 
 def report(args) -> None:
     data = json.loads((Path(args.out) / f"{NAME}.json").read_text())
-    rows = write_report(args, data["rows"], data.get("models", {}))
+    rows = write_report(args, data["rows"], data.get("models", {}), data.get("routing_rows"))
     plot(rows, Path(args.out))
 
 
@@ -290,7 +340,7 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["oneshot", "train", "report"])
+    ap.add_argument("stage", choices=["oneshot", "train", "report", "routing"])
     ap.add_argument("--dense", default=DENSE, help="the dense fp32 parent checkpoint directory")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/upcycle/nm_bench"))
     ap.add_argument("--eval-windows", type=int, default=8, help="512-token held-out windows per corpus")
@@ -312,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
     args = ap.parse_args(argv)
-    {"oneshot": oneshot, "train": train_run, "report": report}[args.stage](args)
+    {"oneshot": oneshot, "train": train_run, "report": report, "routing": routing_rows}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, HeldOut, Table, abba, machine_record, write_result
+from common import RESULTS, Table, abba, machine_record, write_result
+
+from upcycle.eval.perplexity import HeldOut
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = {"wikitext2": "wikitext-2-raw-test.txt", "tinystories": "tinystories-val.txt"}

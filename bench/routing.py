@@ -34,8 +34,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, HeldOut, Table, machine_record, write_result
+from common import RESULTS, Table, machine_record, write_result
 from real_model import SHARED, dense_dir
+
+from upcycle.eval.perplexity import HeldOut
 
 FILES = {"wikitext2": "wikitext-2-raw-test.txt", "tinystories": "tinystories-val.txt"}
 HELD_OUT = 0.15
@@ -65,7 +67,6 @@ def run(args) -> None:
     from upcycle.cli import main as cli
     from upcycle.recipes.bank_sparse import sparse_ffns
     from upcycle.recipes.bank_sparse.convert import predictor_bytes_fraction
-    from upcycle.recipes.bank_sparse.training import is_predictor_param
     from upcycle.train import TrainConfig, train
     from upcycle.train.config import add_config_arguments, config_from_args
 
@@ -104,8 +105,9 @@ def run(args) -> None:
         ppl = evaluator(model)
         curve.append({"step": step, "tokens": step * TOKENS_PER_STEP, "ppl_in": ppl["in"], "ppl_out": ppl["out"],
                       "ffn_density": ppl["ffn_density"]})
-        print(f"step {step}: in-domain {ppl['in']:.3f}, out-of-domain {ppl['out']:.3f}, "
-              f"density {ppl['ffn_density']:.3f}", flush=True)
+        density = "-" if ppl["ffn_density"] is None else f"{ppl['ffn_density']:.3f}"
+        print(f"step {step}: in-domain {ppl['in']:.3f}, out-of-domain {ppl['out']:.3f}, density {density}",
+              flush=True)
         t_train[0] += time.perf_counter() - t  # evaluation is not training time
         return {"ppl_in": ppl["in"], "ppl_out": ppl["out"]}
 
@@ -136,7 +138,7 @@ def run(args) -> None:
            "predictor": ("-" if recipe else "dense") if pred is None else
            f"{pred.kind} ({pred.extra_repr() or f'rank {pred.rank}'})",
            "predictor_bytes": predictor_bytes_fraction(model) if sparse else 0.0,
-           "routing_params": sum(p.numel() for n, p in model.named_parameters() if is_predictor_param(n)),
+           "routing_params": routing_params(model),
            "step_s_median": sorted(step_times)[len(step_times) // 2] if step_times else None,
            "convert_s": convert_s, "train_s": train_s,
            "convert_flags": (f"(on {args.base}) " if args.base else "") + args.convert, "train_flags": args.train,
@@ -147,6 +149,14 @@ def run(args) -> None:
     rows = {r["method"]: r for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
     rows[args.name] = row
     write(args, list(rows.values()))
+
+
+def routing_params(model) -> int:
+    """Parameters of the routing: bank-sparse predictors (their learned parts), MoE routers."""
+    from upcycle.recipes.bank_sparse.training import is_predictor_param
+
+    return sum(p.numel() for n, p in model.named_parameters()
+               if is_predictor_param(n) or n.endswith(".mlp.gate.weight"))
 
 
 def final_point(curve: list[dict], ppl: dict) -> None:

@@ -84,3 +84,25 @@ def test_missing_tokenizer_is_clear(tmp_path):
     tiny_model("qwen2", vocab_size=64).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_held_out_scores_each_text_and_restores_the_mode(tokenizer, corpus):
+    import upcycle
+    from upcycle.data import tokenize
+    from upcycle.eval.perplexity import HeldOut
+
+    model = tiny_model("llama", vocab_size=512, intermediate_size=128).train()
+    texts = {"in": corpus[0], "out": corpus[1]}
+    held = HeldOut(tokenizer, texts, windows=2, seq_len=32, density=True)
+    r = held(model)
+    assert model.training  # evaluated in eval mode, handed back as it came
+    for k, text in texts.items():  # the first `windows` windows of each text, nothing more
+        assert r[k] == pytest.approx(perplexity(model.eval(), tokenize(tokenizer, text)[:64], seq_len=32)["ppl"])
+    assert r["ffn_density"] == pytest.approx(1.0)
+    upcycle.convert(model, upcycle.BankSparseConfig(bank_size=64, keep=16), progress=False)
+    assert held(model)["ffn_density"] == pytest.approx(0.25, abs=1e-3)
+    moe = upcycle.convert(tiny_model("llama", vocab_size=512, intermediate_size=128), upcycle.MoEUpcycleConfig(),
+                          progress=False)
+    assert held(moe)["ffn_density"] is None  # no SwiGLU FFN left to count channels of
+    bf16 = HeldOut(tokenizer, texts, windows=2, seq_len=32, bf16=True)(model)
+    assert set(bf16) == {"in", "out"} and bf16["in"] == pytest.approx(held(model)["in"], rel=0.05)

@@ -144,3 +144,42 @@ def perplexity(
     if reference is not None:
         out["kl_ref"] = kl_sum / scored
     return out
+
+
+class HeldOut:
+    """Held-out perplexity of a model on named texts: the first `windows` windows of `seq_len` tokens of each.
+
+    `model(held)` -> {name: ppl, ...} (eval mode, restored after); `bf16`: under bf16 autocast (1.8x faster on a
+    2-core Xeon, ppl within 0.7% of fp32 on SmolLM2-135M), for runs trained in bf16 so every row is measured alike;
+    `density`: also "ffn_density", the share of SwiGLU FFN channels the model computed (FFNStats), None for a
+    model without SwiGLU FFNs (MoE: its active share is the router's top-k, not a channel density).
+    """
+
+    def __init__(self, tokenizer, texts: dict[str, str], windows: int, seq_len: int = 512, bf16: bool = False,
+                 density: bool = False):
+        from upcycle.data import tokenize
+
+        self.ids = {k: tokenize(tokenizer, v)[: windows * seq_len] for k, v in texts.items()}
+        self.seq_len, self.bf16, self.density = seq_len, bf16, density
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float | None]:
+        import contextlib
+
+        from upcycle.eval.stats import FFNStats
+        from upcycle.hf import glu_modules
+
+        was = model.training
+        model.eval()
+        measure = self.density and bool(glu_modules(model))
+        device = next(model.parameters()).device.type
+        try:
+            with (FFNStats(model) if measure else contextlib.nullcontext()) as st, \
+                    torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
+                out: dict[str, float | None] = {k: perplexity(model, ids, seq_len=self.seq_len)["ppl"]
+                                                for k, ids in self.ids.items()}
+            if self.density:
+                out["ffn_density"] = st.summary()["ffn_density"] if measure else None
+            return out
+        finally:
+            model.train(was)

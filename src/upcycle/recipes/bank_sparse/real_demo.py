@@ -134,27 +134,6 @@ def write_texts(cfg: RealDemoConfig, out: Path) -> dict[str, Path]:
     return paths
 
 
-class HeldOut:
-    """Held-out ppl in and out of domain; `bf16`: under bf16 autocast (1.8x faster on the 2-core Xeon measured,
-    ppl within 0.7% of fp32 on SmolLM2-135M), used when training runs in bf16 so every row is measured alike."""
-
-    def __init__(self, tok, paths: dict[str, Path], windows: int, bf16: bool = False):
-        from upcycle.data import read_text, tokenize
-
-        self.ids = {k: tokenize(tok, read_text(paths[k]))[: windows * 512] for k in ("in", "out")}
-        self.bf16 = bf16
-
-    @torch.no_grad()
-    def __call__(self, model) -> dict:
-        from upcycle.eval.perplexity import perplexity
-        from upcycle.eval.stats import stats_for
-
-        device = next(model.parameters()).device.type
-        with stats_for(model) as st, torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
-            ppl = {k: perplexity(model, ids, seq_len=512)["ppl"] for k, ids in self.ids.items()}
-        return {"ppl_in": ppl["in"], "ppl_out": ppl["out"], "ffn_density": st.summary()["ffn_density"]}
-
-
 @torch.no_grad()
 def decode_speed(models: dict[str, torch.nn.Module], tok, cfg: RealDemoConfig) -> dict:
     """Greedy decode tokens/s of each model: decode only (the prefill run is timed apart), interleaved runs."""
@@ -225,7 +204,11 @@ def run_demo(cfg: RealDemoConfig) -> dict:
     tok = load_tokenizer(dense_dir)
     paths = write_texts(cfg, out)
     precision = train_precision(cfg.precision)
-    held = HeldOut(tok, paths, cfg.eval_windows, bf16=precision == "bf16")
+    from upcycle.data import read_text
+    from upcycle.eval.perplexity import HeldOut
+
+    texts = {"ppl_in": read_text(paths["in"]), "ppl_out": read_text(paths["out"])}
+    held = HeldOut(tok, texts, cfg.eval_windows, bf16=precision == "bf16", density=True)
 
     stage_done("model")
     log.info("[2/6] the dense parent and the post-hoc oracle on held-out text")
