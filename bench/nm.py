@@ -249,7 +249,9 @@ def _routing_table(rows: list[dict]) -> Table:
              "dense parent (weight 1), LR 1e-4 unless the command says otherwise, bf16 autocast, 2 threads; in-domain "
              "= WikiText-2's last 15%, out-of-domain = TinyStories' last 15% (never trained on). `x control` = ppl / "
              "the dense parent continued on the same tokens with the same objective. Exactness checked here on the "
-             "saved checkpoint."]
+             "saved checkpoint. Curve points before the last are the model as it trains, before the final hard prune "
+             "(step 0: the converted checkpoint, still dense for CAST and SR-STE); the last is the saved, pruned "
+             "model."]
     return Table(rows, cols, "Trained at the bake-off's protocol (equal tokens, same distillation)", notes,
                  key="routing_rows")
 
