@@ -251,19 +251,26 @@ def plot(rows: list[dict], png: Path, machine: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, title in ((axes[0], "in_x_control", "in-domain"), (axes[1], "out_x_control", "out-of-domain")):
         seen = set()
-        for r in rows:
-            if r.get("decode_tok_s") is None:
-                continue
+        shown = [r for r in rows if r.get("decode_tok_s") is not None]
+        for r in shown:
             recipe = r.get("recipe") or "dense"
             ax.scatter(r["decode_tok_s"], r[key], color=colors.get(recipe, "tab:gray"), s=40,
                        label=None if recipe in seen else KIND.get(recipe, recipe))
             seen.add(recipe)
-            ax.annotate(r["method"], (r["decode_tok_s"], r[key]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
         ax.axhline(1.0, color="k", lw=0.8, ls="--", label="matched-token dense control")
         ax.set(xlabel="decode tokens per second, batch 1 (higher is better)",
                ylabel="held-out ppl / dense control (lower is better)", yscale="log",
                title=f"{title}: better models sit low and to the right")
+        ax.autoscale_view()
+        placed: list[tuple[float, float]] = []  # label anchors in pixels: stack labels of nearby points
+        for r in sorted(shown, key=lambda r: r[key]):
+            x, y = ax.transData.transform((r["decode_tok_s"], r[key]))
+            dy = 4
+            while any(abs(x - px) < 70 and abs(y + dy - py) < 9 for px, py in placed):
+                dy += 9
+            placed.append((x, y + dy))
+            ax.annotate(r["method"], (r["decode_tok_s"], r[key]), textcoords="offset points", xytext=(4, dy),
+                        fontsize=7, arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if dy > 4 else None)
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
