@@ -152,11 +152,15 @@ def run(args) -> None:
 
 
 def routing_params(model) -> int:
-    """Parameters of the routing: bank-sparse predictors (their learned parts), MoE routers."""
-    from upcycle.recipes.bank_sparse.training import is_predictor_param
+    """Parameters the routing learns: those the recipe's training hooks put in their routing group (bank-sparse:
+    "predictor", MoE: "router")."""
+    from upcycle.recipes import registry
 
-    return sum(p.numel() for n, p in model.named_parameters()
-               if is_predictor_param(n) or n.endswith(".mlp.gate.weight"))
+    recipe = registry.for_model(model)
+    if recipe is None:
+        return 0
+    hooks = recipe.train_hooks(model, None)
+    return sum(p.numel() for n, p in model.named_parameters() if hooks.param_group(n) in ("predictor", "router"))
 
 
 def final_point(curve: list[dict], ppl: dict) -> None:
