@@ -43,7 +43,7 @@ from upcycle.eval.perplexity import HeldOut
 
 ORDER = ["dense-continued", "posthoc-oracle", "posthoc-shadow", "posthoc-predictor", "default", "pure-shadow",
          "budget-0.2", "mass-allocation", "keep-warmup", "moe-copy-8x2", "moe-split-25", "nm-magnitude",
-         "nm-sparsegpt", "nm-srste", "nm-cast", "stacked"]
+         "nm-sparsegpt", "nm-srste", "nm-cast", "stacked", "stacked-trained"]
 KIND = {"bank_sparse": "activation routing (bank 16/64)", "moe": "experts", "nm": "N:M weights", "dense": "dense"}
 
 

@@ -207,18 +207,28 @@ def routing_rows(args) -> None:
     import upcycle
 
     routing = json.loads((RESULTS / "routing.json").read_text())
+    data = json.loads((Path(args.out) / f"{NAME}.json").read_text())
+    # a row whose saved model is gone (another machine) keeps the exactness measured on it before
+    measured = {r["method"]: r for r in data.get("routing_rows") or []}
     rows = []
     for r in routing["rows"]:
-        if r.get("recipe") != "nm" and r["method"] != "dense-continued":
+        # N:M rows, and rows stacked on one (bank-sparse routing on a 2:4 model: its zeros must survive training)
+        if r.get("recipe") != "nm" and r["method"] != "dense-continued" and "(on nm-" not in r.get("convert_flags", ""):
             continue
-        model = upcycle.load(r["model_dir"])
-        rows.append({"method": r["method"], "ppl_in": r["ppl_in"], "ppl_out": r["ppl_out"],
-                     "control": r.get("control", "dense-continued"), "train_tokens": r["train_tokens"],
-                     "step_s": r.get("step_s_median"), "curve": r["curve"], "command": r["command"],
-                     **(exact_of(model) if r.get("recipe") == "nm" else {"exact": None})})
-        del model
+        row = {"method": r["method"], "ppl_in": r["ppl_in"], "ppl_out": r["ppl_out"],
+               "control": r.get("control", "dense-continued"), "train_tokens": r["train_tokens"],
+               "step_s": r.get("step_s_median"), "curve": r["curve"], "command": r["command"]}
+        if Path(r["model_dir"]).exists():
+            model = upcycle.load(r["model_dir"])
+            row.update(exact_of(model) if r["method"] != "dense-continued" else {"exact": None})
+            del model
+        elif r["method"] in measured:
+            row.update({k: v for k, v in measured[r["method"]].items() if k not in row})
+        else:
+            print(f"{r['method']}: left out (its saved model {r['model_dir']} is gone, no exactness recorded)")
+            continue
+        rows.append(row)
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
-    data = json.loads((Path(args.out) / f"{NAME}.json").read_text())
     write_report(args, data["rows"], data.get("models", {}), rows)
 
 
@@ -249,7 +259,8 @@ def _routing_table(rows: list[dict]) -> Table:
              "dense parent (weight 1), LR 1e-4 unless the command says otherwise, bf16 autocast, 2 threads; in-domain "
              "= WikiText-2's last 15%, out-of-domain = TinyStories' last 15% (never trained on). `x control` = ppl / "
              "the dense parent continued on the same tokens with the same objective. Exactness checked here on the "
-             "saved checkpoint. Curve points before the last are the model as it trains, before the final hard prune "
+             "saved checkpoint (rows stacked on an N:M model included: bank-sparse routing trained on the 2:4 model). "
+             "Curve points before the last are the model as it trains, before the final hard prune "
              "(step 0: the converted checkpoint, still dense for CAST and SR-STE); the last is the saved, pruned "
              "model."]
     return Table(rows, cols, "Trained at the bake-off's protocol (equal tokens, same distillation)", notes,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -255,8 +256,12 @@ def plot(rows: list[dict], png: Path, parent: dict | None) -> None:
         ax.set(xlabel="training tokens (thousands)", ylabel="held-out perplexity (lower is better)", yscale="log",
                title=title)
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        lo, hi = ax.get_ylim()
+        wide = math.log10(hi / lo) > 1.5  # over many decades label only the 2s and 5s, or the labels overlap
+        minor = matplotlib.ticker.FuncFormatter(
+            lambda v, _, wide=wide: f"{v:g}" if not wide or f"{v:g}"[0] in "25" else "")
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_minor_formatter(minor)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8, title="row (dashed: dense)")
     fig.suptitle("SmolLM2-135M: held-out perplexity during continual training (lower is better; single dots: "
