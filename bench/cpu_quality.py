@@ -1,7 +1,8 @@
 """What the CPU decode paths cost in quality, on a real checkpoint (SmolLM2-135M, fp32).
 
-1. int8 weights (`upcycle.quantize`): held-out perplexity of the float model and its int8 quantisation, for the
-   dense model and its bank-sparse conversion (the default 2-bit shadow), on WikiText-2 and TinyStories.
+1. int8 and int4 weights (`upcycle.quantize`): held-out perplexity of the float model and its int8 / int4
+   quantisations, for the dense model and its bank-sparse conversion (the default 2-bit shadow), on WikiText-2 and
+   TinyStories.
 2. Shadow-scoring dot paths of the fused CPU kernel (every path this CPU supports: AVX-512-VNNI, AVX-VNNI,
    AVX2 int16 dots, float dots): the fraction of the kept channels equal to those of float scoring
    (torch, float32) on held-out FFN inputs, one token per call as in decode.
@@ -43,13 +44,13 @@ def ppl_rows(args, tokenizer, texts: dict[str, str]) -> list[dict]:
     ids = {name: held_out_ids(tokenizer, t, args.windows * args.seq_len + 1) for name, t in texts.items()}
     rows = []
     for kind in ("dense", "sparse shadow-2bit (default conversion, untrained)"):
-        model = upcycle.load(args.model).eval()
-        if kind != "dense":
-            upcycle.convert(model, upcycle.BankSparseConfig(), progress=False)
         base = {}
-        for fmt in ("float32", "int8"):
-            if fmt == "int8":
-                quantize(model)
+        for fmt in ("float32", "int8", "int4"):
+            model = upcycle.load(args.model).eval()
+            if kind != "dense":
+                upcycle.convert(model, upcycle.BankSparseConfig(), progress=False)
+            if fmt != "float32":
+                quantize(model, fmt)
             row = {"method": f"{kind}, {fmt}", "model": kind, "weights": fmt}
             with torch.no_grad():
                 for name, x in ids.items():
@@ -61,7 +62,7 @@ def ppl_rows(args, tokenizer, texts: dict[str, str]) -> list[dict]:
                     row[f"{name} x float"] = r["ppl"] / base[name]
             print(row, flush=True)
             rows.append(row)
-        del model
+            del model
     return rows
 
 
@@ -148,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                    "sums are exact, so they differ from each other only in float rounding."]
     ppl_notes = [f"Held-out ppl: the last {args.windows} x {args.seq_len} tokens of each file's last 15%, "
                  "non-overlapping windows. int8 = upcycle.quantize (attention, LM head and FFN linears; absmax "
-                 "per row, the sparse down projection per channel); x float = int8 ppl / the same model's float32 "
-                 "ppl (target <= 1.01). The sparse model is the untrained conversion: its absolute ppl is far "
-                 "from the dense model's (continual training closes that), the int8 ratio is the point."]
+                 "per row, the sparse down projection per channel); int4 = upcycle.quantize(model, 'int4') (the same "
+                 "linears, 4-bit codes with a bf16 scale and minimum per group of 32, MSE-clipped ranges); x float = "
+                 "ppl / the same model's float32 ppl (targets: int8 <= 1.01, int4 <= 1.05). The sparse model is the "
+                 "untrained conversion: its absolute ppl is far from the dense model's (continual training closes "
+                 "that), the ratios are the point."]
     write_result("cpu_quality", record, [], [], "CPU decode paths: quality on SmolLM2-135M", notes,
                  tables=[Table(agree, agree_cols, "Shadow dot paths: kept-channel agreement with float scoring",
                                agree_notes, key="agreement"),
-                         Table(ppl, ppl_cols, "int8 weights: held-out perplexity", ppl_notes, key="ppl")],
+                         Table(ppl, ppl_cols, "int8 / int4 weights: held-out perplexity", ppl_notes, key="ppl")],
                  out=args.out)
     return 0
 

@@ -8,6 +8,12 @@ of the transposed copy the decode kernel reads is q[c] * s[c]): the fused kernel
 channels' int8 rows, a quarter of the fp32 bytes. The embedding, the norms and a low-rank predictor stay in
 float (a shadow predictor is re-derived from the dequantised gate/up, as from any weights).
 
+`upcycle.quantize(model, "int4")` does the same with `Int4Linear`s: 4-bit codes with a bf16 scale and minimum per
+group of 32 inputs (5 bits per weight, as llama.cpp's Q4_1; each group's range clipped for the least squared
+error, `kernels.reference.shadow_quantize`), a bank-sparse FFN's down projection stored as the rows of W_down^T
+(grouped along d) so that the fused kernel reads a kept channel's down row in one run; at decode shapes they run
+`kernels.cpu.int4` (the shadow's 4-bit dots, x in int16 per group).
+
 At decode shapes (<= 16 rows) an `Int8Linear` runs the C kernel `kernels.cpu.int8_linear` (float32 arithmetic
 on the fused kernel's helper pool); longer inputs (prefill, evaluation) multiply by the dequantised weight a
 block of rows at a time. Training an int8 model is not supported (no gradients reach the codes). The
@@ -21,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FORMATS", "Int8Linear", "quantize", "quantize_rows"]
+__all__ = ["FORMATS", "Int4Linear", "Int8Linear", "quantize", "quantize_rows"]
 
-FORMATS = ("int8",)
+FORMATS = ("int8", "int4")
+INT4_GROUP = 32
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _FFN = ("gate_proj", "up_proj", "down_proj")
 # Rows of a dequantised block in the long-input path (bounds its float copy to ~4M values).
@@ -106,11 +113,92 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
 
-def _swap(parent: nn.Module, name: str, axis: str) -> Int8Linear | None:
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W held as 4-bit rows (`kernels.packing.Q4Rows`): `axis` `out` stores W's rows [out, in]
+    grouped along `in`; `in` stores the rows of W^T [in, out] grouped along `out` (a sparse FFN's down projection:
+    row c is what kept channel c adds). `weight` (the dequantised W) is built on first access and kept."""
+
+    def __init__(self, rows, bias: Tensor | None, axis: str = "out", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if axis not in ("out", "in"):
+            raise ValueError(f"axis must be 'out' or 'in', got {axis!r}")
+        self.axis = axis
+        self.group_size = rows.group_size
+        n, k = rows.shape
+        self.out_features, self.in_features = (n, k) if axis == "out" else (k, n)
+        self.register_buffer("codes", rows.codes)
+        self.register_buffer("scale", rows.scale)
+        self.register_buffer("lo", rows.lo)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
+        self.weight_dtype = dtype
+        self._dequantized: Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, axis: str = "out", group_size: int = INT4_GROUP) -> Int4Linear:
+        from upcycle.kernels.packing import pack_q4
+
+        w = lin.weight.detach()
+        return cls(pack_q4(w if axis == "out" else w.t(), group_size), lin.bias, axis, lin.weight.dtype)
+
+    @property
+    def rows(self):
+        from upcycle.kernels.packing import Q4Rows
+
+        return Q4Rows(self.codes, self.scale, self.lo, self.group_size)
+
+    def extra_repr(self) -> str:
+        stored = "W" if self.axis == "out" else "W^T"
+        return f"in={self.in_features}, out={self.out_features}, int4, group {self.group_size}, rows of {stored}"
+
+    def dequantize(self, rows: slice = slice(None)) -> Tensor:
+        """Stored rows[rows] in float32 (W's rows for axis `out`, W^T's for `in`; not kept)."""
+        from upcycle.kernels.packing import unpack_q4
+
+        return unpack_q4(self.rows, rows)
+
+    @property
+    def weight(self) -> Tensor:
+        if self._dequantized is None or self._dequantized.device != self.codes.device:
+            w = self.dequantize()
+            self._dequantized = (w if self.axis == "out" else w.t().contiguous()).to(self.weight_dtype)
+        return self._dequantized
+
+    def forward(self, x: Tensor) -> Tensor:
+        from upcycle.kernels import cpu
+
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if (self.axis == "out" and x2.shape[0] <= cpu.LINEAR_MAX_TOKENS and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and x2.shape[0] > 0 and cpu.fused_available()):
+            from upcycle.kernels.cpu.int4 import int4_linear
+
+            y = int4_linear(x2, self.rows, self.bias)
+        elif self._dequantized is not None:
+            y = F.linear(x2, self._dequantized, None if self.bias is None else self.bias.to(x2.dtype)).float()
+        else:  # a block of dequantised stored rows at a time: never the whole float matrix
+            xf = x2.float()
+            n = self.codes.shape[0]
+            step = max(1, _BLOCK_ELEMENTS // max(1, self.codes.shape[1] * 2))
+            if self.axis == "out":
+                y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+                for start in range(0, n, step):
+                    rows = slice(start, min(start + step, n))
+                    torch.matmul(xf, self.dequantize(rows).t(), out=y[:, rows])
+            else:
+                y = torch.zeros(x2.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+                for start in range(0, n, step):
+                    rows = slice(start, min(start + step, n))
+                    y.addmm_(xf[:, rows], self.dequantize(rows))
+            if self.bias is not None:
+                y += self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+
+def _swap(parent: nn.Module, name: str, axis: str, fmt: str = "int8") -> nn.Module | None:
     lin = getattr(parent, name, None)
     if type(lin) is not nn.Linear:
         return None  # already quantised, absent, or another module (a LoRA wrapper, an N:M layer): left alone
-    new = Int8Linear.from_linear(lin, axis)
+    new = Int8Linear.from_linear(lin, axis) if fmt == "int8" else Int4Linear.from_linear(lin, axis)
     setattr(parent, name, new)
     return new
 
@@ -123,7 +211,7 @@ def _release_decode_caches(module: nn.Module) -> None:
 @torch.no_grad()
 def quantize(model: nn.Module, fmt: str = "int8", lm_head: bool = True, attention: bool = True,
              ffn: bool = True) -> nn.Module:
-    """Quantise `model`'s linear layers to `fmt` ("int8") in place and return it (see the module docstring).
+    """Quantise `model`'s linear layers to `fmt` ("int8" or "int4") in place and return it (the module docstring).
 
     Which parts: the attention projections, the LM head and the FFNs (dense SwiGLU or bank-sparse), each
     switchable. Linears of other kinds (already quantised, LoRA, N:M, MoE experts) are left as they are.
@@ -136,18 +224,18 @@ def quantize(model: nn.Module, fmt: str = "int8", lm_head: bool = True, attentio
         attn = getattr(layer, "self_attn", None)
         if attention and attn is not None:
             for name in _ATTN:
-                _swap(attn, name, "out")
+                _swap(attn, name, "out", fmt)
         mlp = getattr(layer, "mlp", None)
         if ffn and mlp is not None and all(hasattr(mlp, n) for n in _FFN):
             sparse = getattr(mlp, "sparse_decode", False)
-            gate, up = _swap(mlp, "gate_proj", "out"), _swap(mlp, "up_proj", "out")
-            _swap(mlp, "down_proj", "in" if sparse else "out")
+            gate, up = _swap(mlp, "gate_proj", "out", fmt), _swap(mlp, "up_proj", "out", fmt)
+            _swap(mlp, "down_proj", "in" if sparse else "out", fmt)
             pred = getattr(mlp, "predictor", None)
             if sparse and getattr(pred, "kind", None) == "shadow" and gate is not None and up is not None:
                 pred._sources = (gate, up)  # the shadow follows the weights the FFN now computes with
                 pred._cache = None
             _release_decode_caches(mlp)
     if lm_head and type(getattr(model, "lm_head", None)) is nn.Linear:
-        model.lm_head = Int8Linear.from_linear(model.lm_head, "out")
+        model.lm_head = (Int8Linear if fmt == "int8" else Int4Linear).from_linear(model.lm_head, "out")
     model.upcycle_quantized = fmt  # what `upcycle generate` and the benchmarks report
     return model

@@ -41,9 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="wrap the prompt in the tokenizer's chat template as a user turn")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weight dtype (auto: as saved)")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none",
-                   help="int8: quantise the linear weights at load (upcycle.quantize; per-channel scales); none: as "
-                   "loaded (%(default)s)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="quantise the linear weights at load (upcycle.quantize): int8 with per-channel scales, int4 "
+                   "with a scale and minimum per group of 32 (as Q4_1); none: as loaded (%(default)s)")
     p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the checkpoint's)")

@@ -115,11 +115,18 @@ def kernels_report() -> dict:
     cpu.fused_sparse_decode(x, g, u, dt, None, None, None, 64, 16, shadow=pack_shadow(g, u, 2, 128), num_threads=1)
     q = torch.zeros(d_ff, d, dtype=torch.int8)  # d: a multiple of 64, as in every real model
     cpu.int8_linear(x, q, torch.ones(d_ff), num_threads=1)
+    from upcycle.kernels.cpu.int4 import int4_dots, int4_linear
+    from upcycle.kernels.packing import pack_q4
+
+    int4_linear(x, pack_q4(g), num_threads=1)
     k["bank_sparse"] = {"weights": sorted(cpu._SUFFIX[t] for t in cpu._supported),
                         "shadow_dots": features.DISPATCH.get("bank_sparse.shadow_dots"),
                         "shadow_dots_available": cpu.available_dot_paths(),
                         "shadow_dots_switch": cpu.shadow_dots()}
-    k["int8_linear"] = {"dots": features.DISPATCH.get("int8_linear"), "switch": cpu.int8_dots()}
+    k["int8_linear"] = {"dots": features.DISPATCH.get("int8_linear"), "switch": cpu.int8_dots(),
+                        "env": "UPCYCLE_INT8_DOTS"}
+    k["int4_linear"] = {"dots": features.DISPATCH.get("int4_linear"), "switch": int4_dots(),
+                        "env": "UPCYCLE_INT4_DOTS"}
     try:
         from upcycle.kernels import triton as triton_kernels
 
@@ -142,7 +149,7 @@ def print_kernels(r: dict) -> None:
                   f"(this CPU: {', '.join(path['shadow_dots_available'])}; switch {path['shadow_dots_switch']}, "
                   "UPCYCLE_SHADOW_DOTS)")
         elif isinstance(path, dict):
-            print(f"  {name}: dots -> {path['dots']} (switch {path['switch']}, UPCYCLE_INT8_DOTS)")
+            print(f"  {name}: dots -> {path['dots']} (switch {path['switch']}, {path['env']})")
         else:
             print(f"  {name}: {path}")
 

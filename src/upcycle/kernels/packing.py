@@ -93,6 +93,41 @@ def unpack_shadow(pack: ShadowPack) -> tuple[Tensor, Tensor]:
     return (one(pack.gate_codes, pack.gate_scale, pack.gate_lo), one(pack.up_codes, pack.up_scale, pack.up_lo))
 
 
+@dataclass
+class Q4Rows:
+    """Rows of a weight in 4 bits (`upcycle.quantize(model, "int4")`): w ~ code * scale + lo per group of
+    `group_size` inputs, packed as a 4-bit shadow is, bf16 scale and minimum (5 bits per weight at 32, as Q4_1)."""
+
+    codes: Tensor  # uint8 [rows, cols / 2]
+    scale: Tensor  # bf16 [rows, cols / group_size]
+    lo: Tensor
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes + self.lo.nbytes
+
+
+def pack_q4(w: Tensor, group_size: int = 32) -> Q4Rows:
+    """w [rows, cols] -> its 4-bit rows: round to nearest within each group's MSE-clipped range
+    (`reference.shadow_quantize`, the shadow's quantiser)."""
+    q, scale, lo = shadow_quantize(w.detach().float(), 4, group_size)
+    bf = lambda t: t.to(torch.bfloat16).contiguous()  # noqa: E731  (exact: already bf16-rounded)
+    return Q4Rows(pack_codes(q, 4, group_size), bf(scale), bf(lo), group_size)
+
+
+def unpack_q4(rows: Q4Rows, sl: slice = slice(None)) -> Tensor:
+    """The float32 weights rows[sl] stand for."""
+    q = unpack_codes(rows.codes[sl], 4, rows.group_size).float()
+    scale, lo = rows.scale[sl].float(), rows.lo[sl].float()
+    q = q.reshape(q.shape[0], scale.shape[1], rows.group_size)
+    return (q * scale[..., None] + lo[..., None]).reshape(q.shape[0], -1)
+
+
 def shadow_decode_op(name: str, decode: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """A torch custom op `upcycle::<name>` around `decode(x, w_gate, w_up, w_down_t, pack, bank_size, keep)`:
     what torch.compile and CUDA graphs see (a ShadowPack is not an op argument, so its fields are)."""

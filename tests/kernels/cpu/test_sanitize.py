@@ -34,7 +34,7 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers(tmp_
            "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=1",
            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "test_decode.py"),
-           str(HERE / "test_nm_decode.py")]
+           str(HERE / "test_nm_decode.py"), str(HERE / "test_int4.py")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert any(f.name.endswith("_asan.so") for f in (tmp_path / "kernels").iterdir())  # the sanitized build ran

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Tokens per call the fused kernel accepts (it keeps one bit per token and channel in a uint64).
 FUSED_MAX_TOKENS = 64
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
@@ -50,7 +50,9 @@ class DecodeArgs(ctypes.Structure):
                 ("ldg", _L), ("ldu", _L), ("ldd", _L),
                 ("T", _I), ("d", _I), ("dff", _I), ("r", _I), ("bank", _I), ("keep", _I), ("use_sigmoid", _I),
                 ("nthreads", _I), ("cb", _I), ("G", _I), ("dot_path", _I), ("lin_path", _I),
-                ("alpha", ctypes.c_float)]
+                ("alpha", ctypes.c_float),
+                ("q4g", _P), ("q4u", _P), ("q4d", _P), ("q4sg", _P), ("q4lg", _P), ("q4su", _P), ("q4lu", _P),
+                ("q4sd", _P), ("q4ld", _P), ("G4", _I), ("q4_path", _I)]
 
 
 class LinearArgs(ctypes.Structure):
@@ -58,6 +60,13 @@ class LinearArgs(ctypes.Structure):
 
     _fields_ = [("x", _P), ("y", _P), ("q", _P), ("s", _P), ("b", _P), ("ldq", _L),
                 ("T", _I), ("N", _I), ("K", _I), ("nthreads", _I), ("dot_path", _I)]
+
+
+class Q4LinearArgs(ctypes.Structure):
+    """Mirror of `upc_linear_q4_args` in csrc/bank_sparse_decode.c."""
+
+    _fields_ = [("x", _P), ("y", _P), ("q", _P), ("s", _P), ("lo", _P), ("b", _P),
+                ("T", _I), ("N", _I), ("K", _I), ("G", _I), ("nthreads", _I), ("dot_path", _I)]
 
 
 # `use_kernels(shadow_dots=...)` (or UPCYCLE_SHADOW_DOTS): how the fused kernel scores a shadow. auto (default)
@@ -124,6 +133,14 @@ def _build() -> ctypes.CDLL:
     lib.upc_linear_i8.restype = _I
     lib.upc_linear_dot_path.argtypes = [_I, _I]
     lib.upc_linear_dot_path.restype = _I
+    if lib.upc_linear_q4_args_size() != ctypes.sizeof(Q4LinearArgs):
+        raise RuntimeError("the compiled kernel does not match upcycle.kernels.cpu.Q4LinearArgs (stale cache?)")
+    lib.upc_linear_q4.argtypes = [ctypes.POINTER(Q4LinearArgs)]
+    lib.upc_linear_q4.restype = _I
+    lib.upc_decode_q4.argtypes = [ctypes.POINTER(DecodeArgs)]
+    lib.upc_decode_q4.restype = _I
+    lib.upc_q4_dot_path.argtypes = [_I]
+    lib.upc_q4_dot_path.restype = _I
     return lib
 
 

@@ -88,11 +88,12 @@ def dot_paths() -> list[str]:
 # the shadow's dots are bound by unpacking its codes, where 512-bit lanes cost more than they save; the int8
 # linear's plain byte rows gain from them.
 AUTO_ORDER = {"shadow": ("avxvnni", "avx2", "avx512vnni", "float"),
-              "int8": ("avx512vnni", "avxvnni", "avx2", "float")}
+              "int8": ("avx512vnni", "avxvnni", "avx2", "float"),
+              "int4": ("avxvnni", "avx2", "avx512vnni", "float")}  # 4-bit rows: the shadow's dots (upc_q4_dot_path)
 
 
 def auto_path(kernel: str) -> str:
-    """The path `auto` runs for `kernel` ("shadow" or "int8") on this CPU."""
+    """The path `auto` runs for `kernel` ("shadow", "int8" or "int4") on this CPU."""
     return next(p for p in AUTO_ORDER[kernel] if dot_path_supported(p))
 
 

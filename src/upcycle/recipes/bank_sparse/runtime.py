@@ -102,9 +102,14 @@ def _is_int8(lin: nn.Module) -> bool:
     return getattr(lin, "axis", None) in ("out", "in") and getattr(lin, "qweight", None) is not None
 
 
+def _is_int4(lin: nn.Module) -> bool:
+    """An `upcycle.quantization.Int4Linear` (duck-typed likewise)."""
+    return getattr(lin, "axis", None) in ("out", "in") and getattr(lin, "codes", None) is not None
+
+
 def _w(lin: nn.Module) -> Tensor:
-    """The tensor a kernel reads: the int8 codes of an Int8Linear, else the weight."""
-    return lin.qweight if _is_int8(lin) else lin.weight
+    """The tensor a kernel reads: the codes of an Int8Linear / Int4Linear, else the weight."""
+    return lin.qweight if _is_int8(lin) else lin.codes if _is_int4(lin) else lin.weight
 
 
 def _cache(module: nn.Module, layout: str) -> _DecodeCache:
@@ -145,7 +150,7 @@ def _shadow_pack(module: nn.Module):
     cached = module.__dict__.get(_SHADOW_ATTR)
     if cached is None or cached[0] != key:
         module.__dict__.pop(_SHADOW_ATTR, None)
-        if _is_int8(gl):  # the shadow of the dequantised weights (what the FFN computes with)
+        if _is_int8(gl) or _is_int4(gl):  # the shadow of the dequantised weights (what the FFN computes with)
             g, u = gl.dequantize(), ul.dequantize()
         cs = pred.channel_scale() if hasattr(pred, "channel_scale") else None
         cached = (key, pack_shadow(g, u, pred.bits, pred.group_size, cs))
@@ -161,7 +166,8 @@ def prepare(model: nn.Module, layout: str | None = None) -> int:
     total = 0
     for m in _sparse_modules(model):
         device = _w(m.down_proj).device.type
-        total += _cache(m, layout or decode_layout(device)).nbytes
+        if not _is_int4(m.down_proj):  # 4-bit rows are read where they are (stored as W_down^T already)
+            total += _cache(m, layout or decode_layout(device)).nbytes
         if m.predictor.kind == "shadow":
             total += _shadow_pack(m).nbytes
         if device == "cpu":
@@ -203,11 +209,12 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
     gate, up, down = module.gate_proj, module.up_proj, module.down_proj
     pred = () if shadow else (module.predictor.in_proj, module.predictor.out_proj)
     # int8 rows: gate/up scaled per row, down per channel (upcycle.quantize), CPU only
-    int8 = _is_int8(gate) and (gate.axis, up.axis, down.axis) == ("out", "out", "in") and _is_int8(up) \
-        and _is_int8(down)
+    axes = (getattr(gate, "axis", None), getattr(up, "axis", None), getattr(down, "axis", None))
+    int8 = axes == ("out", "out", "in") and all(_is_int8(lin) for lin in (gate, up, down))
+    int4 = axes == ("out", "out", "in") and all(_is_int4(lin) for lin in (gate, up, down))
     # Kernels read .weight directly: plain nn.Linear only (no LoRA/quantised wrappers), no hooks to skip.
     for lin in (gate, up, down) + pred:
-        if (type(lin) is not nn.Linear and not (int8 and lin in (gate, up, down))) or lin._forward_hooks \
+        if (type(lin) is not nn.Linear and not ((int8 or int4) and lin in (gate, up, down))) or lin._forward_hooks \
                 or lin._forward_pre_hooks:
             return None
     if gate.bias is not None or up.bias is not None or down.bias is not None:
@@ -219,8 +226,8 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
     device = x.device.type
     if T == 0 or T > max_tokens(device, shadow):
         return None
-    if int8:
-        ws = (gate.qweight, up.qweight, down.qweight)
+    if int8 or int4:
+        ws = (gate.qweight, up.qweight, down.qweight) if int8 else (gate.codes, up.codes, down.codes)
         if device != "cpu" or not x.dtype.is_floating_point or any(w.device != x.device for w in ws) or any(
                 lin.weight.dtype != x.dtype or lin.weight.device != x.device for lin in pred):
             return None
@@ -228,6 +235,8 @@ def decode_forward(module, x: Tensor) -> Tensor | None:
 
         if mode not in ("auto", "fused") or T > cpu.FUSED_MAX_TOKENS or not cpu.fused_supports(torch.int8):
             return None
+        if int4:
+            return _run_int4(module, x.reshape(T, d), x.shape)
         return _run("fused", module, x.reshape(T, d), x.shape)
     dtype = gate.weight.dtype
     ws = (gate.weight, up.weight, down.weight) + tuple(lin.weight for lin in pred)
@@ -344,7 +353,35 @@ def _run_int8(module, x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor
         y = cpu.fused_sparse_decode(x2, w_gate, w_up, w_down_t, None, None, None, module.bank_size, module.keep,
                                     shadow=_shadow_pack(module), row_scales=scales)
         return y.reshape(shape)
-    # the int8 kernel reads a float32 predictor: a float32 copy of a bf16/fp16 one, cached on its weights
+    w_in, w_out, b_out = _f32_predictor(module)
+    alpha = None if module.gate_scale is None else float(module.gate_scale)
+    y = cpu.fused_sparse_decode(x2, w_gate, w_up, w_down_t, w_in, w_out, b_out, module.bank_size, module.keep,
+                                gate_scale=alpha, row_scales=scales)
+    return y.reshape(shape)
+
+
+def _run_int4(module, x2: Tensor, shape: torch.Size) -> Tensor | None:
+    """4-bit rows through the fused C kernel (eager only), read where they are: no decode cache."""
+    if torch.compiler.is_compiling():
+        return None
+    from upcycle.kernels.cpu import features
+    from upcycle.kernels.cpu.int4 import fused_sparse_decode_int4
+
+    features.record("bank_sparse.decode", "fused, int4 rows")
+    rows = (module.gate_proj.rows, module.up_proj.rows, module.down_proj.rows)
+    if module.predictor.kind == "shadow":
+        y = fused_sparse_decode_int4(x2, *rows, None, None, None, module.bank_size, module.keep,
+                                     shadow=_shadow_pack(module))
+    else:
+        alpha = None if module.gate_scale is None else float(module.gate_scale)
+        y = fused_sparse_decode_int4(x2, *rows, *_f32_predictor(module), module.bank_size, module.keep, alpha)
+    return y.reshape(shape)
+
+
+def _f32_predictor(module) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The low-rank predictor in float32 (what the int8 / int4 kernels read): a copy of a bf16/fp16 one, cached on
+    its weights."""
+    pred = module.predictor
     w_in, w_out, b_out = pred.in_proj.weight, pred.out_proj.weight, pred.out_proj.bias
     if w_in.dtype != torch.float32:
         key = (_key(w_in), _key(w_out), None if b_out is None else _key(b_out))
@@ -356,7 +393,4 @@ def _run_int8(module, x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor
         w_in, w_out, b_out = cached[1:]
     elif b_out is not None and not b_out.is_contiguous():
         b_out = b_out.contiguous()
-    alpha = None if module.gate_scale is None else float(module.gate_scale)
-    y = cpu.fused_sparse_decode(x2, w_gate, w_up, w_down_t, w_in, w_out, b_out, module.bank_size, module.keep,
-                                gate_scale=alpha, row_scales=scales)
-    return y.reshape(shape)
+    return w_in, w_out, b_out

@@ -22,7 +22,9 @@
    lin_path: the same for int8 rows' gate/up dots (upc_decode_i8, one token, d % 64 == 0).
    ws: float32 [d_ff] per-channel weights of a shadow's scores (a learned log-score bias, exp'd), or NULL.
    scg / scu / scd: float32 [d_ff] per-row scales of int8 weights (upc_decode_i8: row c of wg / wu / wdt is
-   q * scale[c]); NULL for float weights. */
+   q * scale[c]); NULL for float weights.
+   q4g / q4u / q4d: 4-bit rows instead (upc_decode_q4): gate, up and W_down^T as [d_ff, d / 2] codes packed like a
+   4-bit shadow's, with bf16 scale and minimum [d_ff, d / G4] each (q4sg/q4lg, q4su/q4lu, q4sd/q4ld). */
 typedef struct {
     const float *x;
     float *y;
@@ -36,6 +38,9 @@ typedef struct {
     long ldg, ldu, ldd;
     int T, d, dff, r, bank, keep, use_sigmoid, nthreads, cb, G, dot_path, lin_path;
     float alpha;
+    const uint8_t *q4g, *q4u, *q4d;
+    const uint16_t *q4sg, *q4lg, *q4su, *q4lu, *q4sd, *q4ld;
+    int G4, q4_path;
 } upc_decode_args;
 
 int upc_args_size(void) { return (int)sizeof(upc_decode_args); }
@@ -116,6 +121,15 @@ typedef struct {
     /* (set after the positional initialiser in upc_decode: keep new fields last) */
     long xstride;     /* int16 units per token in xq (d; d + 32 for the split-int8 bytes) */
     int xsplit;       /* xq holds split-int8 x (hi, lo bytes) instead of int16 */
+    /* 4-bit rows (upc_decode_q4, upc_linear_q4): codes and bf16 scale / minimum per group of G4 inputs; x4a holds
+       per token the sums of x over each group, then x's scales; x4q x's codes, int8 (x4int8) or int16, or NULL
+       (float dots); q4fn the dot function of the chosen path (a q4dot8_fn or a qdot16_fn) */
+    const uint8_t *q4g, *q4u, *q4d;
+    const uint16_t *q4sg, *q4lg, *q4su, *q4lu, *q4sd, *q4ld;
+    int G4, x4int8;
+    float *x4a;
+    void *x4q;
+    const void *q4fn;
 } args_t;
 
 /* One row of a shadow: x . (codes * scale + lo) over d inputs. Codes are packed per group of G
@@ -398,6 +412,15 @@ static int resolve(int requested, const int *order) {
    unavailable one -> -1. */
 int upc_resolve_dot_path(int requested) { return resolve(requested, SHADOW_ORDER); }
 
+/* The dots 4-bit rows run for `requested`: the shadow's preference (the codes are unpacked the same way) in its
+   int16 form (the split-int8 forms need x laid out for them alone), float, or -1 if unavailable. */
+int upc_q4_dot_path(int requested) {
+    int path = resolve(requested, SHADOW_ORDER);
+    if (path == UPC_DOTS_AVXVNNI8) path = UPC_DOTS_AVXVNNI;
+    if (path == UPC_DOTS_AVX512VNNI8) path = UPC_DOTS_AVX512VNNI;
+    return path;
+}
+
 #ifdef SHADOW_INT16
 static qdot16_fn pick_qdot16(int path, int cb) {
     switch (path) {
@@ -518,6 +541,224 @@ static inline void shadow_dots(const args_t *A, long c, int t, float *g, float *
     const float *x = A->x + (size_t)t * A->d;
     *g = qdot(qg, x, xs, sg, lg, A->d, A->G, A->cb);
     *u = qdot(qu, x, xs, su, lu, A->d, A->G, A->cb);
+}
+
+/* 4-bit weight rows (upcycle.quantize(model, "int4")): w = code * scale + lo per group of G4 inputs, packed as a
+   4-bit shadow is (packing.py: byte k of a group holds inputs k and k + G4 / 2), two rows per dot call sharing the
+   x loads. With groups of 32 (the default) x is quantised per group to int8, as llama.cpp's Q8_0 activations
+   (error ~0.4% of the group's largest |x|, far below the 4-bit weights' own ~6%): a group's 16 code bytes, split
+   into nibbles, are its 32 codes in input order, so one unsigned-by-signed byte multiply-add (vpmaddubsw, or
+   vpdpbusd with VNNI) covers it. Other group sizes use the shadow's int16 dots (qdot16, 4-bit). */
+typedef void (*q4dot8_fn)(const uint8_t *, const uint8_t *, const int8_t *, const float *, const float *,
+                          const uint16_t *, const uint16_t *, const uint16_t *, const uint16_t *, int, float *, float *);
+#ifdef SHADOW_INT16
+#define DP8_AVX2(c, x) _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), _mm256_set1_epi16(1))
+#define DP8_AVXVNNI(c, x) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), c, x)
+#define DP8_AVX512VNNI(c, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, x)
+#define Q4DOT8(NAME, TGT, DP)                                                                            \
+__attribute__((target(TGT)))                                                                             \
+static void NAME(const uint8_t *P0, const uint8_t *P1, const int8_t *xq, const float *sx, const float *xs,    \
+                 const uint16_t *s0, const uint16_t *l0, const uint16_t *s1, const uint16_t *l1, int d,       \
+                 float *o0, float *o1) {                                                                 \
+    const __m128i m4 = _mm_set1_epi8(15);                                                                \
+    __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();                                           \
+    float r0 = 0.f, r1 = 0.f;                                                                            \
+    for (int g = 0; g < d / 32; g++) {                                                                   \
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * (size_t)g));                         \
+        __m128i b0 = _mm_loadu_si128((const __m128i *)(P0 + 16 * (size_t)g));                            \
+        __m128i b1 = _mm_loadu_si128((const __m128i *)(P1 + 16 * (size_t)g));                            \
+        __m256i c0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b0, 4), m4), _mm_and_si128(b0, m4));  \
+        __m256i c1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b1, 4), m4), _mm_and_si128(b1, m4));  \
+        f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DP(c0, xv)), _mm256_set1_ps(bf16f(s0[g]) * sx[g]), f0);   \
+        f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DP(c1, xv)), _mm256_set1_ps(bf16f(s1[g]) * sx[g]), f1);   \
+        r0 += bf16f(l0[g]) * xs[g];                                                                      \
+        r1 += bf16f(l1[g]) * xs[g];                                                                      \
+    }                                                                                                    \
+    v8 v0, v1;                                                                                           \
+    memcpy(&v0, &f0, sizeof v0); memcpy(&v1, &f1, sizeof v1);                                            \
+    *o0 = hsum(v0) + r0;                                                                                 \
+    *o1 = hsum(v1) + r1;                                                                                 \
+}
+Q4DOT8(q4dot8_avx2, "avx2,fma", DP8_AVX2)
+#ifndef UPC_NO_AVXVNNI
+Q4DOT8(q4dot8_avxvnni, "avx2,fma,avxvnni", DP8_AVXVNNI)
+#endif
+Q4DOT8(q4dot8_avx512vnni, "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni", DP8_AVX512VNNI)
+#endif
+
+static q4dot8_fn pick_q4dot8(int path) {
+#ifdef SHADOW_INT16
+    switch (path) {
+    case UPC_DOTS_AVX2: return q4dot8_avx2;
+#ifndef UPC_NO_AVXVNNI
+    case UPC_DOTS_AVXVNNI: return q4dot8_avxvnni;
+#endif
+    case UPC_DOTS_AVX512VNNI: return q4dot8_avx512vnni;
+    default: return NULL;
+    }
+#else
+    (void)path;
+    return NULL;
+#endif
+}
+
+/* Per token and group of G inputs of x [T, d]: the sum (sums [T, d / G]) and, with codes, x quantised to int8
+   (bits 8) or int16 codes [T, d] and their scale (scales [T, d / G]): what the dots of 4-bit rows read. */
+static void x_groups(const float *x, int T, int d, int G, float *sums, float *scales, void *codes, int bits) {
+    const int ng = d / G;
+    const float top = bits == 8 ? 127.f : 32767.f;
+    for (int t = 0; t < T; t++)
+        for (int g = 0; g < ng; g++) {
+            const float *xg = x + (size_t)t * d + (size_t)g * G;
+            float s = 0.f, amax = 0.f;
+            for (int i = 0; i < G; i++) { s += xg[i]; amax = fmaxf(amax, fabsf(xg[i])); }
+            sums[(size_t)t * ng + g] = s;
+            if (!codes) continue;
+            float inv = amax > 0.f ? top / amax : 0.f;
+            size_t o = (size_t)t * d + (size_t)g * G;
+            for (int i = 0; i < G; i++) {
+                long v = lrintf(xg[i] * inv);
+                if (bits == 8) ((int8_t *)codes)[o + i] = (int8_t)v;
+                else ((int16_t *)codes)[o + i] = (int16_t)v;
+            }
+            scales[(size_t)t * ng + g] = amax / top;
+        }
+}
+
+/* The 4-bit dots' buffers and function for T tokens of d inputs on `path` (a resolved upc_q4_dot_path): 0, or 2
+   when out of memory (q4_free releases them either way). */
+static int q4_setup(args_t *A, int path, int T, int d) {
+    const int G = A->G4;
+    A->x4a = malloc(sizeof(float) * 2 * (size_t)T * (d / G));
+    if (path != UPC_DOTS_FLOAT && G == 32 && pick_q4dot8(path)) {
+        A->q4fn = (const void *)pick_q4dot8(path);
+        A->x4int8 = 1;
+        A->x4q = malloc((size_t)T * d + 32);
+    }
+#ifdef SHADOW_INT16
+    else if (path != UPC_DOTS_FLOAT) {
+        A->q4fn = (const void *)pick_qdot16(path, 4);
+        A->x4q = malloc(sizeof(int16_t) * ((size_t)T * d + 8));
+    }
+#endif
+    return A->x4a && (!A->q4fn || A->x4q) ? 0 : 2;
+}
+static void q4_quantize_x(const args_t *A) {
+    const size_t n = (size_t)A->T * (A->d / A->G4);
+    x_groups(A->x, A->T, A->d, A->G4, A->x4a, A->x4a + n, A->x4q, A->x4int8 ? 8 : 16);
+}
+static void q4_free(args_t *A) { free(A->x4a); free(A->x4q); A->x4a = NULL; A->x4q = NULL; }
+
+static inline void q4_dots(const args_t *A, const uint8_t *p0, const uint8_t *p1, const uint16_t *s0,
+                           const uint16_t *l0, const uint16_t *s1, const uint16_t *l1, int t, float *o0, float *o1) {
+    const int ng = A->d / A->G4;
+    const float *xs = A->x4a + (size_t)t * ng, *sx = A->x4a + (size_t)(A->T + t) * ng;
+    if (A->x4int8) {
+        ((q4dot8_fn)A->q4fn)(p0, p1, (const int8_t *)A->x4q + (size_t)t * A->d, sx, xs, s0, l0, s1, l1, A->d, o0, o1);
+        return;
+    }
+#ifdef SHADOW_INT16
+    if (A->x4q) {
+        ((qdot16_fn)A->q4fn)(p0, p1, (const int16_t *)A->x4q + (size_t)t * A->d, sx, xs, s0, l0, s1, l1, A->d,
+                             A->G4, o0, o1);
+        return;
+    }
+#endif
+    const float *x = A->x + (size_t)t * A->d;
+    *o0 = qdot4(p0, x, xs, s0, l0, A->d, A->G4);
+    *o1 = qdot4(p1, x, xs, s1, l1, A->d, A->G4);
+}
+
+/* y [d] += h * one 4-bit row (a kept channel's column of W_down) */
+static inline void axpy_q4(float *restrict y, float h, const uint8_t *P, const uint16_t *sc, const uint16_t *lo,
+                           int d, int G) {
+    const int gb = G / 2;
+    for (int g = 0; g < d / G; g++) {
+        const uint8_t *pg = P + (size_t)g * gb;
+        float *y0 = y + (size_t)g * G, *y1 = y0 + gb;
+        const float hs = h * bf16f(sc[g]), hl = h * bf16f(lo[g]);
+        const v8 vs = splat(hs), vl = splat(hl);
+        int k = 0;
+        for (; k + 8 <= gb; k += 8) {
+            u8x8 b8; memcpy(&b8, pg + k, 8);
+            i32x8 b = __builtin_convertvector(b8, i32x8);
+            *(v8 *)(y0 + k) += vs * __builtin_convertvector(b & 15, v8) + vl;
+            *(v8 *)(y1 + k) += vs * __builtin_convertvector(b >> 4, v8) + vl;
+        }
+        for (; k < gb; k++) { y0[k] += hs * (float)(pg[k] & 15) + hl; y1[k] += hs * (float)(pg[k] >> 4) + hl; }
+    }
+}
+
+/* y [d] += sum_j h[j] * 4-bit row j, four rows in one pass over y (their minimum terms summed per group) */
+static inline void axpy4_q4(float *restrict y, const float h[4], const uint8_t *const P[4],
+                            const uint16_t *const sc[4], const uint16_t *const lo[4], int d, int G) {
+    const int gb = G / 2;
+    for (int g = 0; g < d / G; g++) {
+        float *y0 = y + (size_t)g * G, *y1 = y0 + gb;
+        float hs[4], hl = 0.f;
+        v8 vs[4];
+        for (int j = 0; j < 4; j++) {
+            hs[j] = h[j] * bf16f(sc[j][g]);
+            vs[j] = splat(hs[j]);
+            hl += h[j] * bf16f(lo[j][g]);
+        }
+        const v8 vl = splat(hl);
+        int k = 0;
+        for (; k + 8 <= gb; k += 8) {
+            v8 a0 = vl, a1 = vl;
+            for (int j = 0; j < 4; j++) {
+                u8x8 b8; memcpy(&b8, P[j] + (size_t)g * gb + k, 8);
+                i32x8 b = __builtin_convertvector(b8, i32x8);
+                a0 += vs[j] * __builtin_convertvector(b & 15, v8);
+                a1 += vs[j] * __builtin_convertvector(b >> 4, v8);
+            }
+            *(v8 *)(y0 + k) += a0;
+            *(v8 *)(y1 + k) += a1;
+        }
+        for (; k < gb; k++)
+            for (int j = 0; j < 4; j++) {
+                const uint8_t b = P[j][(size_t)g * gb + k];
+                y0[k] += hs[j] * (float)(b & 15) + (j ? 0.f : hl);
+                y1[k] += hs[j] * (float)(b >> 4) + (j ? 0.f : hl);
+            }
+    }
+}
+
+/* One bank's kept channels (list, nk; mb: which tokens kept each; gate [T, bank]) on 4-bit rows */
+static void q4_kept(const args_t *A, int c0, const int *list, int nk, const uint64_t *mb, const float *gate,
+                    float *yp) {
+    const int d = A->d, ng = d / A->G4;
+    const long rb = d / 2;
+    int q0 = 0;
+    if (A->T == 1)  /* one token: four channels' down rows in one pass over y */
+        for (; q0 + 4 <= nk; q0 += 4) {
+            const uint8_t *pd[4];
+            const uint16_t *sd[4], *ld[4];
+            float h[4];
+            for (int j = 0; j < 4; j++) {
+                const int i = list[q0 + j];
+                const long c = c0 + i, o = c * ng;
+                float g, u;
+                q4_dots(A, A->q4g + c * rb, A->q4u + c * rb, A->q4sg + o, A->q4lg + o, A->q4su + o, A->q4lu + o, 0,
+                        &g, &u);
+                h[j] = silu(g) * u * gate[i];
+                pd[j] = A->q4d + c * rb; sd[j] = A->q4sd + o; ld[j] = A->q4ld + o;
+            }
+            axpy4_q4(yp, h, pd, sd, ld, d, A->G4);
+        }
+    for (int q = q0; q < nk; q++) {
+        const int i = list[q];
+        const long c = c0 + i, o = c * ng;
+        const uint8_t *pg = A->q4g + c * rb, *pu = A->q4u + c * rb, *pd = A->q4d + c * rb;
+        if (q + 1 < nk) __builtin_prefetch(A->q4d + (c0 + list[q + 1]) * rb, 0, 3);
+        for (int t = 0; t < A->T; t++) {
+            if (!(mb[i] >> t & 1ull)) continue;
+            float g, u;
+            q4_dots(A, pg, pu, A->q4sg + o, A->q4lg + o, A->q4su + o, A->q4lu + o, t, &g, &u);
+            axpy_q4(yp + (size_t)t * d, silu(g) * u * gate[(size_t)t * A->bank + i], pd, A->q4sd + o, A->q4ld + o,
+                    d, A->G4);
+        }
+    }
 }
 typedef void (*bank_fn)(const args_t *A, int b, float *yp, float *scr);
 
@@ -677,6 +918,8 @@ static int run_job(bank_fn fn, void (*prologue)(args_t *), args_t *A, size_t scr
     return 0;
 }
 
+int upc_linear_dot_path(int requested, int K);  /* below; the int8 body calls it */
+
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SUF)
@@ -822,4 +1065,58 @@ int upc_linear_i8(const upc_linear_args *p) {
     return rc;
 }
 
-int upc_abi_version(void) { return 8; }
+/* The bank-sparse FFN on 4-bit rows (p->q4g ... set; wg / wu / wdt unused): the int8 entry's float32 predictor,
+   top-k and threading, with q4_kept doing the kept channels. */
+int upc_decode_q4(const upc_decode_args *p) { return p->q4g ? upc_decode_i8(p) : 1; }
+
+/* A 4-bit linear layer at decode shapes: y [T, N] = x [T, K] . W^T + b, W's rows as 4-bit codes [N, K / 2]
+   (packing.py's layout) with bf16 scale and minimum [N, K / G]; b may be NULL. Two rows per dot call, rows in
+   blocks of LIN_ROWS on the helper pool, each row by one thread (the output does not depend on the count). */
+typedef struct {
+    const float *x;
+    float *y;
+    const uint8_t *q;
+    const uint16_t *s, *lo;
+    const float *b;
+    int T, N, K, G, nthreads, dot_path;
+} upc_linear_q4_args;
+
+int upc_linear_q4_args_size(void) { return (int)sizeof(upc_linear_q4_args); }
+
+static void lin_rows_q4(const args_t *A, int blk, float *yp, float *scr) {
+    (void)yp; (void)scr;
+    const int r0 = blk * LIN_ROWS, r1 = r0 + LIN_ROWS < A->ln ? r0 + LIN_ROWS : A->ln, ng = A->d / A->G4;
+    const long rb = A->d / 2;
+    for (int n = r0; n < r1; n += 2) {
+        const int m = n + 1 < r1 ? n + 1 : n;  /* an odd last row pairs with itself */
+        for (int t = 0; t < A->T; t++) {
+            float o0, o1;
+            q4_dots(A, A->q4g + n * rb, A->q4g + m * rb, A->q4sg + (long)n * ng, A->q4lg + (long)n * ng,
+                    A->q4sg + (long)m * ng, A->q4lg + (long)m * ng, t, &o0, &o1);
+            float *y = A->ly + (size_t)t * A->ln;
+            y[n] = o0 + (A->lb ? A->lb[n] : 0.f);
+            if (m != n) y[m] = o1 + (A->lb ? A->lb[m] : 0.f);
+        }
+    }
+}
+
+int upc_linear_q4(const upc_linear_q4_args *p) {
+    const int T = p->T, K = p->K, G = p->G;
+    if (!p->x || !p->y || !p->q || !p->s || !p->lo || T < 1 || p->N < 1 || G < 2 || G % 2 || G > 2048 || K < G
+        || K % G || p->nthreads < 1) return 1;
+    const int path = upc_q4_dot_path(p->dot_path);
+    if (path < 0) return 3;
+    args_t A;
+    memset(&A, 0, sizeof A);
+    A.x = p->x; A.T = T; A.d = K; A.nb = (p->N + LIN_ROWS - 1) / LIN_ROWS;
+    A.q4g = p->q; A.q4sg = p->s; A.q4lg = p->lo; A.G4 = G; A.lb = p->b; A.ly = p->y; A.ln = p->N;
+    int rc = q4_setup(&A, path, T, K);
+    if (!rc) {
+        q4_quantize_x(&A);
+        rc = run_job(lin_rows_q4, lin_prologue, &A, 0, NULL, p->nthreads, 1);
+    }
+    q4_free(&A);
+    return rc;
+}
+
+int upc_abi_version(void) { return 9; }

@@ -73,6 +73,7 @@ static inline void FN(down4)(float *restrict y, int n, const char *const dn[4], 
 
 static void FN(prologue)(args_t *A) {
     float *a = (float *)A->a;
+    if (A->q4g) q4_quantize_x(A);  /* 4-bit rows' dots: x's sums (and codes) per group of G4 */
     if (A->lxq) quantize_x_groups(A->x, A->T, A->d, (int16_t *)A->lxq, (float *)A->lsx);  /* int8 rows' dots */
     if (A->qg) {  /* per token and group: the sum of x; with int16 dots also the scale and codes of x */
         const int ng = A->d / A->G;
@@ -150,6 +151,7 @@ static void FN(bank)(const args_t *A, int b, float *yp, float *scr) {
     }
     int nk = 0;
     for (int i = 0; i < bank; i++) if (mb[i]) list[nk++] = i;
+    if (A->q4g) { q4_kept(A, c0, list, nk, mb, gate, yp); return; }
     int q = 0;
     if (T == 1) {
         /* split layout: a channel's down row is not right after its up row, so prefetch it */
@@ -222,10 +224,19 @@ int FN(upc_decode)(const upc_decode_args *p) {
     }
 #endif
 #if ESZ == 1
+    /* 4-bit rows (upc_decode_q4): checked here, their buffers set up once A exists */
+    int q4path = UPC_DOTS_FLOAT;
+    if (p->q4g) {
+        const int G4 = p->G4;
+        if (!p->q4u || !p->q4d || !p->q4sg || !p->q4lg || !p->q4su || !p->q4lu || !p->q4sd || !p->q4ld || G4 < 2
+            || G4 % 2 || G4 > 2048 || d % G4) { free(a); free(xq); return 1; }
+        q4path = upc_q4_dot_path(p->q4_path);
+        if (q4path < 0) { free(a); free(xq); return 3; }
+    }
     /* int8 rows, one token: gate/up by integer dots (the int8 linear's), if the path and d allow */
     int lpath = upc_linear_dot_path(p->lin_path, d);
     if (lpath < 0) { free(a); free(xq); return 3; }
-    if (T == 1 && lpath != UPC_DOTS_FLOAT) {
+    if (T == 1 && lpath != UPC_DOTS_FLOAT && !p->q4g) {
         l4 = (const void *)pick_lin4(lpath);
         lxq = malloc(sizeof(int16_t) * (size_t)T * d);
         lsx = malloc(sizeof(float) * (size_t)T * (d / LIN_G));
@@ -237,6 +248,13 @@ int FN(upc_decode)(const upc_decode_args *p) {
                 (long)(dff / bank) * keep, p->alpha, p->win, p->wout, p->bout, p->wg, p->wu, p->wdt, p->idx_out,
                 p->qg, p->qu, p->sg, p->lg, p->su, p->lu, cb, G, xq, p->ws, qd, p->scg, p->scu, p->scd};
     A.l4 = l4; A.lxq = lxq; A.lsx = lsx;
+#if ESZ == 1
+    if (p->q4g) {
+        A.q4g = p->q4g; A.q4u = p->q4u; A.q4d = p->q4d; A.q4sg = p->q4sg; A.q4lg = p->q4lg; A.q4su = p->q4su;
+        A.q4lu = p->q4lu; A.q4sd = p->q4sd; A.q4ld = p->q4ld; A.G4 = p->G4;
+        if (q4_setup(&A, q4path, T, d)) { q4_free(&A); free(a); free(xq); free(lxq); free(lsx); return 2; }
+    }
+#endif
 #ifdef SHADOW_INT16
     A.xstride = xstride; A.xsplit = xsplit;
 #else
@@ -249,5 +267,8 @@ int FN(upc_decode)(const upc_decode_args *p) {
     free(xq);
     free(lxq);
     free(lsx);
+#if ESZ == 1
+    q4_free(&A);
+#endif
     return rc;
 }
