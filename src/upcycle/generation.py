@@ -23,6 +23,7 @@ unpadded batches (every prompt of a batch has the same length); CPU.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -378,6 +379,7 @@ def generate(
     compile: bool | str = False,
     seed: int | None = None,
     inference_mode: bool = False,
+    torch_threads: int | None = None,
 ) -> torch.Tensor:
     """Continue `input_ids` [B, T] (or [T]; unpadded) by up to `max_new_tokens` tokens; return [B, T + n] int64.
 
@@ -392,6 +394,11 @@ def generate(
       per Decoder (tens of seconds on 2 cores); prefill stays eager. Set torch's thread count before.
     * `inference_mode`: `torch.inference_mode` instead of `no_grad` (~0.8 ms less dispatch per token on 30
       layers), but tensors an FFN creates and keeps during the call become inference tensors.
+    * `torch_threads`: torch's intra-op threads during the decode steps (prefill keeps the caller's), while
+      upcycle's C kernels keep the caller's count, fixed (no per-call 1-or-N choice). None: 1 for a model
+      `upcycle.quantize`d (its big linears all run in those kernels; torch's thread team only adds wake-ups to the
+      small ops left: SmolLM2-135M at 2 threads, 7-23% more tokens/s than torch at 2, bench/results/
+      cpu_decode_epyc.md, rows [torch 2 threads]), unchanged otherwise.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -423,21 +430,31 @@ def generate(
             step = dec.compiled_step(None if compile is True else compile)
         logits = dec.forward(input_ids, 0)  # prefill stays eager: one call, variable length
         n = 0
-        for n in range(1, max_new_tokens + 1):
-            tok = _sample(logits, temperature, top_k, top_p, gen)
-            if checks:
-                tok = torch.where(unfinished, tok, pad)
-            out[:, t + n - 1] = tok
-            if stream is not None:
-                stream(tok)
-            if eos_t is not None:
-                unfinished &= ~torch.isin(tok, eos_t)
-            if stopper is not None:
-                for b in range(bsz):
-                    if unfinished[b] and stopper.hit(out[b, t : t + n].tolist()):
-                        unfinished[b] = False
-            if n == max_new_tokens or (checks and not unfinished.any()):
-                break
-            p = t + n - 1
-            logits = step(tok[:, None], torch.tensor([p]) if compile else p)
+        threads = contextlib.ExitStack()
+        n_torch = torch.get_num_threads()
+        decode_threads = torch_threads or (1 if getattr(model, "upcycle_quantized", None) and not compile else n_torch)
+        if decode_threads != n_torch:
+            from upcycle.kernels import cpu
+
+            threads.enter_context(cpu.pool_threads(n_torch))
+            torch.set_num_threads(decode_threads)
+            threads.callback(torch.set_num_threads, n_torch)
+        with threads:
+            for n in range(1, max_new_tokens + 1):
+                tok = _sample(logits, temperature, top_k, top_p, gen)
+                if checks:
+                    tok = torch.where(unfinished, tok, pad)
+                out[:, t + n - 1] = tok
+                if stream is not None:
+                    stream(tok)
+                if eos_t is not None:
+                    unfinished &= ~torch.isin(tok, eos_t)
+                if stopper is not None:
+                    for b in range(bsz):
+                        if unfinished[b] and stopper.hit(out[b, t : t + n].tolist()):
+                            unfinished[b] = False
+                if n == max_new_tokens or (checks and not unfinished.any()):
+                    break
+                p = t + n - 1
+                logits = step(tok[:, None], torch.tensor([p]) if compile else p)
     return out[:, : t + n].clone()

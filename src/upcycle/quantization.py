@@ -11,8 +11,9 @@ float (a shadow predictor is re-derived from the dequantised gate/up, as from an
 `upcycle.quantize(model, "int4")` does the same with `Int4Linear`s: 4-bit codes with a bf16 scale and minimum per
 group of 32 inputs (5 bits per weight, as llama.cpp's Q4_1; each group's range clipped for the least squared
 error, `kernels.reference.shadow_quantize`), a bank-sparse FFN's down projection stored as the rows of W_down^T
-(grouped along d) so that the fused kernel reads a kept channel's down row in one run; at decode shapes they run
-`kernels.cpu.int4` (the shadow's 4-bit dots, x in int16 per group).
+(grouped along d) so that the fused kernel reads a kept channel's down row in one run; the LM head stays int8 (as
+llama.cpp's 4-bit files keep output.weight at 6-8 bits; `lm_head_format="int4"` quantises it too). At decode shapes
+they run `kernels.cpu.int4` (int8 x per group of 32, as llama.cpp's Q8_0 activations).
 
 At decode shapes (<= 16 rows) an `Int8Linear` runs the C kernel `kernels.cpu.int8_linear` (float32 arithmetic
 on the fused kernel's helper pool); longer inputs (prefill, evaluation) multiply by the dequantised weight a
@@ -210,14 +211,17 @@ def _release_decode_caches(module: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize(model: nn.Module, fmt: str = "int8", lm_head: bool = True, attention: bool = True,
-             ffn: bool = True) -> nn.Module:
+             ffn: bool = True, lm_head_format: str | None = None) -> nn.Module:
     """Quantise `model`'s linear layers to `fmt` ("int8" or "int4") in place and return it (the module docstring).
 
     Which parts: the attention projections, the LM head and the FFNs (dense SwiGLU or bank-sparse), each
     switchable. Linears of other kinds (already quantised, LoRA, N:M, MoE experts) are left as they are.
+    `lm_head_format`: the LM head's own format; None = int8 for both formats (llama.cpp's 4-bit types keep the
+    output projection at 6-8 bits too: the logits are the most sensitive product of the model).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"quantization format {fmt!r} is not one of {FORMATS}")
+    head_fmt = lm_head_format or "int8"
+    if fmt not in FORMATS or head_fmt not in FORMATS:
+        raise ValueError(f"quantization format {fmt!r} / {head_fmt!r} is not one of {FORMATS}")
     if not getattr(model, "model", None) or not hasattr(model.model, "layers"):
         raise ValueError("upcycle.quantize needs a decoder-only causal LM with model.model.layers")
     for layer in model.model.layers:
@@ -236,6 +240,6 @@ def quantize(model: nn.Module, fmt: str = "int8", lm_head: bool = True, attentio
                 pred._cache = None
             _release_decode_caches(mlp)
     if lm_head and type(getattr(model, "lm_head", None)) is nn.Linear:
-        model.lm_head = (Int8Linear if fmt == "int8" else Int4Linear).from_linear(model.lm_head, "out")
+        model.lm_head = (Int8Linear if head_fmt == "int8" else Int4Linear).from_linear(model.lm_head, "out")
     model.upcycle_quantized = fmt  # what `upcycle generate` and the benchmarks report
     return model

@@ -18,10 +18,12 @@ Two paths, chosen by measurement (bench/decode.py):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -237,12 +239,37 @@ class _ThreadChooser:
 _chooser = _ThreadChooser()
 
 
+_pool_threads: int | None = None  # `pool_threads(n)`: the helper pool's count while torch runs with fewer
+
+
+@contextlib.contextmanager
+def pool_threads(n: int | None) -> Iterator[None]:
+    """Within the block the C kernels' helper pool may use up to `n` threads whatever torch's own count is
+    (UPCYCLE_CPU_THREADS still wins); None: no change. `upcycle.generate` holds torch at one thread for the decode
+    steps of a quantised model, whose big linears all run here."""
+    global _pool_threads
+    before = _pool_threads
+    _pool_threads = n if n is None else max(1, int(n))
+    try:
+        yield
+    finally:
+        _pool_threads = before
+
+
+def _adaptive(num_threads: int | None) -> bool:
+    """Whether a call picks 1 or N threads by measured time: not when the caller, UPCYCLE_CPU_THREADS or
+    `pool_threads` fixed the count (under `pool_threads` torch is held back and the pool has the cores)."""
+    return num_threads is None and not os.environ.get("UPCYCLE_CPU_THREADS") and _pool_threads is None
+
+
 def _threads(work: int) -> int:
-    """Upper bound on threads: UPCYCLE_CPU_THREADS, else torch's; tiny FFNs (tests, toys) use one."""
+    """Upper bound on threads: UPCYCLE_CPU_THREADS, else `pool_threads`, else torch's; tiny FFNs (tests, toys)
+    use one."""
     env = os.environ.get("UPCYCLE_CPU_THREADS")
     if env:
         return max(1, int(env))
-    return torch.get_num_threads() if work >= 1 << 18 else 1
+    n = _pool_threads or torch.get_num_threads()
+    return n if work >= 1 << 18 else 1
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -323,7 +350,7 @@ def fused_sparse_decode(
     if idx_out is not None and (idx_out.dtype != torch.int32 or idx_out.shape != (T, d_ff // bank_size * keep)):
         raise ValueError("idx_out must be int32 [T, n_banks * keep]")
     fn = getattr(lib, f"upc_decode_{_SUFFIX[dtype]}")
-    adaptive = num_threads is None and not os.environ.get("UPCYCLE_CPU_THREADS")
+    adaptive = _adaptive(num_threads)
     n_max = num_threads or _threads(T * d * d_ff)
     key = (T, d, d_ff, keep, dtype, w_down_t.stride(0), None if shadow is None else shadow.container_bits)
     n = _chooser.pick(key, n_max) if adaptive and n_max > 1 else n_max
@@ -411,7 +438,7 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor | None, bias: Tensor | None 
             raise ValueError("int8_linear: scale and bias must be contiguous float32 [N]")
     xf = x.detach().to(torch.float32).contiguous()
     y = torch.empty(T, N, dtype=torch.float32)
-    adaptive = num_threads is None and not os.environ.get("UPCYCLE_CPU_THREADS")
+    adaptive = _adaptive(num_threads)
     # the helper pool pays only on big calls (the LM head): a projection of a few hundred KB takes tens of us on
     # one thread, about what waking a helper costs on a busy machine
     n_max = num_threads or (_threads(T * K * N) if T * K * N >= LINEAR_PARALLEL_MACS else 1)

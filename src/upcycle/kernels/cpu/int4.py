@@ -10,7 +10,6 @@ float; or a path by name, for A/B tests). References: `x @ unpack_q4(rows).t()` 
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 
 import torch
@@ -23,6 +22,7 @@ from upcycle.kernels.cpu import (
     LINEAR_PARALLEL_MACS,
     DecodeArgs,
     Q4LinearArgs,
+    _adaptive,
     _chooser,
     _library,
     _ptr,
@@ -85,7 +85,7 @@ def int4_linear(x: Tensor, rows: Q4Rows, bias: Tensor | None = None, num_threads
         raise ValueError("int4_linear: bias must be contiguous float32 [N]")
     xf = x.detach().to(torch.float32).contiguous()
     y = torch.empty(T, N, dtype=torch.float32)
-    adaptive = num_threads is None and not os.environ.get("UPCYCLE_CPU_THREADS")
+    adaptive = _adaptive(num_threads)
     n_max = num_threads or (_threads(T * K * N) if T * K * N >= LINEAR_PARALLEL_MACS else 1)
     key = ("int4_linear", T, N, K)
     n = _chooser.pick(key, n_max) if adaptive and n_max > 1 else n_max
@@ -165,7 +165,7 @@ def fused_sparse_decode_int4(
     args.q4sg, args.q4lg, args.q4su, args.q4lu = (t.data_ptr() for t in (gate.scale, gate.lo, up.scale, up.lo))
     args.q4sd, args.q4ld = down_t.scale.data_ptr(), down_t.lo.data_ptr()
     args.G4, args.q4_path = gate.group_size, features.DOT_PATH_IDS[q4]
-    adaptive = num_threads is None and not os.environ.get("UPCYCLE_CPU_THREADS")
+    adaptive = _adaptive(num_threads)
     n_max = num_threads or _threads(T * d * d_ff)
     key = ("int4", T, d, d_ff, keep, None if shadow is None else shadow.container_bits)
     n = _chooser.pick(key, n_max) if adaptive and n_max > 1 else n_max

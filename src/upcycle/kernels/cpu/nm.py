@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import time
 
 import torch
 from torch import Tensor
 
+from upcycle.kernels.cpu import _adaptive, _threads, build
 from upcycle.kernels.cpu import _ThreadChooser as ThreadChooser
-from upcycle.kernels.cpu import _threads, build
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def nm24_linear(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None 
         return y.reshape(*lead, out).to(x.dtype)
     vals, idx = values.detach().contiguous(), indices.detach().contiguous()
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    adaptive = num_threads is None and not os.environ.get("UPCYCLE_CPU_THREADS")
+    adaptive = _adaptive(num_threads)
     n_max = num_threads or _threads(t * inp * out // 2)
     key = (t, inp, out, vals.dtype)
     n = _chooser.pick(key, n_max) if adaptive and n_max > 1 else n_max
