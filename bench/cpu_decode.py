@@ -215,10 +215,12 @@ def bench_model(args, model_name: str, loader, ids: torch.Tensor) -> list[dict]:
                 runs[f"{default} [kernel pool 1 thread]"] = lambda f=n_torch, t=threads: _with_threads(f, 1, t)
                 runs[f"{default} [torch 1 thread, kernel pool {threads}]"] = (
                     lambda f=engines[default], t=threads: _with_threads(f, t, 1))
-                if dtype in ("int8", "int4"):
-                    for name in ("dense", default.removeprefix("upcycle ")):
-                        runs[f"upcycle {name} [torch {threads} threads]"] = _engine(
-                            model, run_upcycle, vs[name], ids, args.new_tokens, torch_threads=threads)
+                # torch left at N threads during decode: the default before upcycle.generate held it back (still
+                # the default of a dense float model)
+                held = [default.removeprefix("upcycle ")] + (["dense"] if dtype in ("int8", "int4") else [])
+                for name in held:
+                    runs[f"upcycle {name} [torch {threads} threads]"] = _engine(
+                        model, run_upcycle, vs[name], ids, args.new_tokens, torch_threads=threads)
             for fn in runs.values():  # warm-up: kernels built, caches filled, first-call costs paid
                 fn()
             results = abba(runs, args.reps)
@@ -377,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
              f"time to the first token; medians of {args.reps} ABBA-interleaved repetitions per dtype and thread "
              "count ([min-max] of the runs); x = decode tok/s over upcycle dense in the same dtype and threads. "
              "[kernel pool 1 thread] / [torch 1 thread, kernel pool N]: the default sparse engine with its C kernels' "
-             "helper pool (UPCYCLE_CPU_THREADS) or torch's intra-op threads held to one; int8 / int4 engines hold "
-             "torch at one thread during decode by default (upcycle.generate's torch_threads), [torch N threads] "
-             "leaves it at N. The "
+             "helper pool (UPCYCLE_CPU_THREADS) or torch's intra-op threads held to one; sparse and int8 / int4 "
+             "engines hold torch at one thread during decode by default (upcycle.generate's torch_threads), "
+             "[torch N threads] leaves it at N (the default of a dense float model). The "
              "machine is shared (2 cores): the load average is in the header; ratios of interleaved runs are the "
              "result, absolute numbers move with the load.", *notes]
     columns = [("model", "model"), ("dtype", "dtype"), ("threads", "threads"), ("provider", "provider"),

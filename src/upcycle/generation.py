@@ -355,6 +355,14 @@ def _special_ids(model: nn.Module, eos: int | Sequence[int] | None, pad: int | N
     return eos_ids, int(pad)
 
 
+def _kernels_lead(model: nn.Module) -> bool:
+    """Whether upcycle's CPU kernels, not torch's, carry most of a decode step: a quantised model, or one with
+    bank-sparse FFNs (duck-typed, as bank_sparse.runtime finds them)."""
+    if getattr(model, "upcycle_quantized", None):
+        return True
+    return any(getattr(m, "sparse_decode", False) for m in model.modules())
+
+
 def _prepare_for_compile(model: nn.Module) -> None:
     """Build the sparse FFNs' decode caches now: a compiled graph cannot build them (see bank_sparse.runtime)."""
     if any(getattr(m, "sparse_decode", False) for m in model.modules()):
@@ -396,9 +404,9 @@ def generate(
       layers), but tensors an FFN creates and keeps during the call become inference tensors.
     * `torch_threads`: torch's intra-op threads during the decode steps (prefill keeps the caller's), while
       upcycle's C kernels keep the caller's count, fixed (no per-call 1-or-N choice). None: 1 for a model
-      `upcycle.quantize`d (its big linears all run in those kernels; torch's thread team only adds wake-ups to the
-      small ops left: SmolLM2-135M at 2 threads, 7-23% more tokens/s than torch at 2, bench/results/
-      cpu_decode_epyc.md, rows [torch 2 threads]), unchanged otherwise.
+      `upcycle.quantize`d or with bank-sparse FFNs (its biggest work runs in those kernels; torch's thread team
+      adds wake-ups to the small ops left: bench/results/cpu_decode_epyc*.md, rows [torch N threads]), unchanged
+      for a plain dense float model (its GEMVs are torch's).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -432,7 +440,7 @@ def generate(
         n = 0
         threads = contextlib.ExitStack()
         n_torch = torch.get_num_threads()
-        decode_threads = torch_threads or (1 if getattr(model, "upcycle_quantized", None) and not compile else n_torch)
+        decode_threads = torch_threads or (1 if _kernels_lead(model) and not compile else n_torch)
         if decode_threads != n_torch:
             from upcycle.kernels import cpu
 
