@@ -360,6 +360,8 @@ def _kernels_lead(model: nn.Module) -> bool:
     bank-sparse FFNs (duck-typed, as bank_sparse.runtime finds them)."""
     if getattr(model, "upcycle_quantized", None):
         return True
+    if model.get_input_embeddings().weight.dtype != torch.float32:
+        return False  # bf16 attention GEMVs: torch at 1 thread lost 14% on an EPYC, gained 12% on a Xeon; left as is
     return any(getattr(m, "sparse_decode", False) for m in model.modules())
 
 
@@ -404,9 +406,9 @@ def generate(
       layers), but tensors an FFN creates and keeps during the call become inference tensors.
     * `torch_threads`: torch's intra-op threads during the decode steps (prefill keeps the caller's), while
       upcycle's C kernels keep the caller's count, fixed (no per-call 1-or-N choice). None: 1 for a model
-      `upcycle.quantize`d or with bank-sparse FFNs (its biggest work runs in those kernels; torch's thread team
-      adds wake-ups to the small ops left: bench/results/cpu_decode_epyc*.md, rows [torch N threads]), unchanged
-      for a plain dense float model (its GEMVs are torch's).
+      `upcycle.quantize`d or float32 with bank-sparse FFNs (its biggest work runs in those kernels; torch's thread
+      team adds wake-ups to the small ops left: bench/results/cpu_decode_epyc*.md, rows [torch N threads]),
+      unchanged for a dense float model (its GEMVs are torch's) and a bf16 / fp16 one.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
