@@ -368,18 +368,7 @@ def fused_sparse_decode(
         args.lin_path = features.DOT_PATH_IDS[lin]
         features.record("bank_sparse.int8_dots", lin if T == 1 else "float")
     if shadow is not None:
-        args.qg, args.qu = shadow.gate_codes.data_ptr(), shadow.up_codes.data_ptr()
-        args.sg, args.lg = shadow.gate_scale.data_ptr(), shadow.gate_lo.data_ptr()
-        args.su, args.lu = shadow.up_scale.data_ptr(), shadow.up_lo.data_ptr()
-        args.cb, args.G = shadow.container_bits, shadow.group_size
-        path = _resolved_dots()
-        args.dot_path = features.DOT_PATH_IDS[path]
-        features.record("bank_sparse.shadow_dots", path)
-        cs = shadow.channel_scale
-        if cs is not None:
-            if cs.dtype != torch.float32 or tuple(cs.shape) != (d_ff,) or not cs.is_contiguous():
-                raise ValueError("fused_sparse_decode: shadow.channel_scale must be contiguous float32 [d_ff]")
-            args.ws = cs.data_ptr()
+        _set_shadow(args, shadow, d_ff, "fused_sparse_decode")
     rc = fn(ctypes.byref(args))
     if adaptive and n_max > 1:
         _chooser.record(key, n, time.perf_counter() - t0)
@@ -389,6 +378,22 @@ def fused_sparse_decode(
     features.record("bank_sparse.weights", _SUFFIX[dtype])
     features.record("bank_sparse.threads", str(n))
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _set_shadow(args: DecodeArgs, shadow: ShadowPack, d_ff: int, who: str) -> None:
+    """Point a decode call at a shadow predictor's packed fields, on the active shadow dot path."""
+    args.qg, args.qu = shadow.gate_codes.data_ptr(), shadow.up_codes.data_ptr()
+    args.sg, args.lg = shadow.gate_scale.data_ptr(), shadow.gate_lo.data_ptr()
+    args.su, args.lu = shadow.up_scale.data_ptr(), shadow.up_lo.data_ptr()
+    args.cb, args.G = shadow.container_bits, shadow.group_size
+    path = _resolved_dots()
+    args.dot_path = features.DOT_PATH_IDS[path]
+    features.record("bank_sparse.shadow_dots", path)
+    cs = shadow.channel_scale
+    if cs is not None:
+        if cs.dtype != torch.float32 or tuple(cs.shape) != (d_ff,) or not cs.is_contiguous():
+            raise ValueError(f"{who}: shadow.channel_scale must be contiguous float32 [d_ff]")
+        args.ws = cs.data_ptr()
 
 
 # `use_kernels(int8_dots=...)` (or UPCYCLE_INT8_DOTS): the int8 weights' dots. auto (default): x in int16 per

@@ -26,7 +26,7 @@ from upcycle.kernels.cpu import (
     _chooser,
     _library,
     _ptr,
-    _resolved_dots,
+    _set_shadow,
     _threads,
     features,
     fused_library,
@@ -140,14 +140,7 @@ def fused_sparse_decode_int4(
             raise ValueError("fused_sparse_decode_int4: a shadow predictor has no sigmoid gate")
         if d % shadow.group_size or shadow.gate_codes.shape != (d_ff, d * shadow.container_bits // 8):
             raise ValueError("fused_sparse_decode_int4: the shadow's shapes do not match x and the rows")
-        args.qg, args.qu = shadow.gate_codes.data_ptr(), shadow.up_codes.data_ptr()
-        args.sg, args.lg = shadow.gate_scale.data_ptr(), shadow.gate_lo.data_ptr()
-        args.su, args.lu = shadow.up_scale.data_ptr(), shadow.up_lo.data_ptr()
-        args.cb, args.G = shadow.container_bits, shadow.group_size
-        path = _resolved_dots()
-        args.dot_path = features.DOT_PATH_IDS[path]
-        if shadow.channel_scale is not None:
-            args.ws = shadow.channel_scale.data_ptr()
+        _set_shadow(args, shadow, d_ff, "fused_sparse_decode_int4")
     else:
         pred = (w_in, w_out) + (() if b_out is None else (b_out,))
         if w_in is None or w_out is None or any(t.dtype != torch.float32 or not t.is_contiguous() for t in pred) \
