@@ -81,6 +81,23 @@ def ffn_cost(model: torch.nn.Module) -> dict:
     return {"active_ffn_params": active, "ffn_bytes_per_token": nbytes}
 
 
+# What a row's saved model gives; a row whose model is no longer on disk (another machine's cache) keeps these
+# from the previous bakeoff.json, with the run they came from in its `measured` column.
+CARRIED = ("active_ffn_params", "ffn_bytes_per_token", "decode_tok_s", "decode_x_dense", "long_context")
+
+
+def previous_measurements(out: Path) -> dict[str, dict]:
+    """{method: the CARRIED figures and where they were measured} from the last bakeoff.json in `out`."""
+    path = out / "bakeoff.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    m = old["machine"]
+    stamp = f"{m.get('cpu', '?')}, {m.get('date', '?')}"
+    return {r["method"]: {**{k: r.get(k) for k in CARRIED}, "measured": r.get("measured") or stamp}
+            for r in old["rows"] if r.get("decode_tok_s") is not None}
+
+
 def decode_speed(models: dict[str, torch.nn.Module], prompt: torch.Tensor, new_tokens: int,
                  reps: int) -> dict[str, float]:
     """Median decode tokens/s (prefill excluded) of greedy `upcycle.generate`, batch 1, rows interleaved."""
@@ -162,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     del oracle
 
     models = {}
+    previous = previous_measurements(Path(args.out))
     for r in rows:
         if r.get("model_dir") and Path(r["model_dir"]).exists():
             models[r["method"]] = upcycle.load(r["model_dir"]).eval()
-            r.update(ffn_cost(models[r["method"]]))
+            r.update(ffn_cost(models[r["method"]]), measured="this run")
+        elif r["method"] in previous:
+            r.update(previous[r["method"]])
     for r in rows:  # the untrained default conversion costs what the trained one does
         src = next((x for x in rows if x["method"] == r.get("cost_from")), None)
         if src and "active_ffn_params" in src:
@@ -181,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     dense_active = rows[0].get("active_ffn_params") or 1.0
     dense_bytes = rows[0].get("ffn_bytes_per_token") or 1.0
     for r in rows:
-        r["decode_tok_s"] = speed.get(r["method"])
-        r["decode_x_dense"] = r["decode_tok_s"] / dense_speed if r["decode_tok_s"] and dense_speed else None
+        if r.get("measured", "this run") == "this run":  # (carried rows keep the ratio of their own run)
+            r["decode_tok_s"] = speed.get(r["method"])
+            r["decode_x_dense"] = r["decode_tok_s"] / dense_speed if r["decode_tok_s"] and dense_speed else None
         ctrl = trained.get(r.get("control") or "dense-continued", control)  # a row's own control (e.g. same LR)
         r["control"] = "dense-continued" if ctrl is control else r["control"]
         r["in_x_control"] = r["ppl_in"] / ctrl["ppl_in"]
@@ -191,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         r["bytes_vs_dense"] = r["ffn_bytes_per_token"] / dense_bytes if r.get("ffn_bytes_per_token") else None
         r["kind"] = KIND.get(r.get("recipe"), r.get("recipe"))
         model = models.get(r["method"])
-        r["long_context"] = (long_context_score(model, tok, args.lc_task, args.lc_length, args.lc_samples)
-                             if model is not None and args.lc_samples else None)
+        if model is not None or "measured" not in r:
+            r["long_context"] = (long_context_score(model, tok, args.lc_task, args.lc_length, args.lc_samples)
+                                 if model is not None and args.lc_samples else None)
 
     def opt(key, fmt):
         return lambda r: "-" if r.get(key) is None else format(r[key], fmt)
@@ -206,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['ffn_bytes_per_token'] / 1e6:.0f} MB ({r['bytes_vs_dense']:.2f}x)"),
                ("decode tok/s", opt("decode_tok_s", ".1f")), ("x dense", opt("decode_x_dense", ".2f")),
                ("train s/step", opt("step_s_median", ".2f")),
-               (f"{args.lc_task} @ {args.lc_length} (%)", opt("long_context", ".0f"))]
+               (f"{args.lc_task} @ {args.lc_length} (%)", opt("long_context", ".0f")),
+               ("speed measured", lambda r: r.get("measured") or "-")]
     commands = [("method", "method"), ("x control over", lambda r: r.get("control") or "-"),
                 ("convert flags", lambda r: r.get("convert_flags") or "-"),
                 ("train flags", lambda r: r.get("train_flags") or "-"), ("command", lambda r: f"`{r['command']}`")]
@@ -229,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         "after another on a shared 2-core machine: indicative). "
         f"{args.lc_task} @ {args.lc_length}: the RULER-style long-context score (`upcycle.eval.ruler`, greedy, "
         f"string_match_all in %, seed 42) over {args.lc_samples} samples of {args.lc_length} tokens; the post-hoc "
-        "oracle (masks in memory only) has none. Absent rows: recipes not run under this protocol yet.",
+        "oracle (masks in memory only) has none. Absent rows: recipes not run under this protocol yet. "
+        "speed measured: `this run`, or for a row whose saved model is no longer on this machine, the earlier "
+        "bake-off its decode speed, x dense (a ratio within that run), cost and long-context score come from.",
     ]
     write_result("bakeoff", {"machine": machine}, rows, columns,
                  "Bake-off: every recipe on SmolLM2-135M at equal training tokens, quality vs decode speed",
@@ -251,25 +276,26 @@ def plot(rows: list[dict], png: Path, machine: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, title in ((axes[0], "in_x_control", "in-domain"), (axes[1], "out_x_control", "out-of-domain")):
         seen = set()
-        shown = [r for r in rows if r.get("decode_tok_s") is not None]
+        # x: decode speed over the dense parent's in the same run (rows carried from an earlier run stay comparable)
+        shown = [r for r in rows if r.get("decode_x_dense") is not None]
         for r in shown:
             recipe = r.get("recipe") or "dense"
-            ax.scatter(r["decode_tok_s"], r[key], color=colors.get(recipe, "tab:gray"), s=40,
+            ax.scatter(r["decode_x_dense"], r[key], color=colors.get(recipe, "tab:gray"), s=40,
                        label=None if recipe in seen else KIND.get(recipe, recipe))
             seen.add(recipe)
         ax.axhline(1.0, color="k", lw=0.8, ls="--", label="matched-token dense control")
-        ax.set(xlabel="decode tokens per second, batch 1 (higher is better)",
+        ax.set(xlabel="decode speed / the dense parent's, batch 1 (higher is better)",
                ylabel="held-out ppl / dense control (lower is better)", yscale="log",
                title=f"{title}: better models sit low and to the right")
         ax.autoscale_view()
         placed: list[tuple[float, float]] = []  # label anchors in pixels: stack labels of nearby points
         for r in sorted(shown, key=lambda r: r[key]):
-            x, y = ax.transData.transform((r["decode_tok_s"], r[key]))
+            x, y = ax.transData.transform((r["decode_x_dense"], r[key]))
             dy = 4
             while any(abs(x - px) < 70 and abs(y + dy - py) < 9 for px, py in placed):
                 dy += 9
             placed.append((x, y + dy))
-            ax.annotate(r["method"], (r["decode_tok_s"], r[key]), textcoords="offset points", xytext=(4, dy),
+            ax.annotate(r["method"], (r["decode_x_dense"], r[key]), textcoords="offset points", xytext=(4, dy),
                         fontsize=7, arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if dy > 4 else None)
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
         ax.yaxis.set_major_formatter(plain)

@@ -63,6 +63,17 @@ def test_a_fully_decayed_weight_moves_by_lr_toward_zero_whatever_its_gradient():
     assert torch.allclose(p.detach()[0, [1, 3]], torch.tensor([-0.1 + LR, -0.05 + LR]), atol=1e-7)
 
 
+def test_pull_lr_mult_scales_the_step_of_the_to_be_pruned_weights_only():
+    grads = [[1e-3, -1e-9, 2e-3, 1e-9]]
+    base = _run("cast", grads=grads)
+    fast = _run("cast", grads=grads, pull_lr_mult=5.0)
+    assert torch.equal(fast[[0, 2]], base[[0, 2]])  # kept weights: plain Adam, untouched
+    assert torch.allclose(fast[[1, 3]] - torch.tensor(W0)[[1, 3]], 5 * (base[[1, 3]] - torch.tensor(W0)[[1, 3]]),
+                          atol=1e-6)
+    with pytest.raises(ValueError, match="pull_lr_mult"):
+        AdamS([torch.nn.Parameter(torch.zeros(1, 4))], nm=(2, 4), nm_mode="cast", pull_lr_mult=float("nan"))
+
+
 def test_without_a_mode_it_is_torch_adam():
     torch.manual_seed(0)
     w = torch.randn(8, 16)

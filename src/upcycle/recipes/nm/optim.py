@@ -12,7 +12,10 @@ Per parameter group, `nm_mode` says what the group's weights get:
   so a fully decayed weight moves by exactly lr * sign(theta) toward zero whatever its gradient's scale, and
   every layer sparsifies at the same pace. Kept weights get plain Adam. Two choices the CAST description
   leaves open: the blend is applied to the bias-corrected moment and is not written back into the gradient
-  EMA (so the pull ramps exactly with a_t).
+  EMA (so the pull ramps exactly with a_t). `pull_lr_mult` (default 1, CAST as described) scales the step of the
+  to-be-pruned weights only: a fully decayed weight moves by lr x pull_lr_mult per step, so that a run of a few
+  hundred steps at a fine-tuning LR can take them to ~0 before the final hard prune (at 1 it cannot: 100 steps
+  at LR 1e-4 move a weight by < 0.01, about SmolLM2's typical |w|).
 - "srste": Adam on g + lambda * (1 - mask) * theta with mask the magnitude mask of the current weights (the
   refined decay of SR-STE, added once per optimizer step, so it does not scale with gradient accumulation or
   the number of processes).
@@ -49,14 +52,17 @@ class AdamS(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decay: float = 1e-4, ramp_steps: int = 1000,
-                 srste_lambda: float = 2e-4, nm: tuple[int, int] | None = None, nm_mode: str | None = None):
+                 srste_lambda: float = 2e-4, nm: tuple[int, int] | None = None, nm_mode: str | None = None,
+                 pull_lr_mult: float = 1.0):
         if ramp_steps < 1:
             raise ValueError(f"ramp_steps must be >= 1, got {ramp_steps}")
-        for name, v in (("lr", lr), ("eps", eps), ("decay", decay), ("srste_lambda", srste_lambda)):
+        for name, v in (("lr", lr), ("eps", eps), ("decay", decay), ("srste_lambda", srste_lambda),
+                        ("pull_lr_mult", pull_lr_mult)):
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decay=decay,
-                        ramp_steps=ramp_steps, srste_lambda=srste_lambda, nm=nm, nm_mode=nm_mode)
+                        ramp_steps=ramp_steps, srste_lambda=srste_lambda, nm=nm, nm_mode=nm_mode,
+                        pull_lr_mult=pull_lr_mult)
         super().__init__(params, defaults)
         for g in self.param_groups:
             if g["nm_mode"] not in MODES:
@@ -134,6 +140,9 @@ class AdamS(torch.optim.Optimizer):
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 if wd:
                     theta.mul_(1 - lr * wd)
+                if mode == "cast" and group["pull_lr_mult"] != 1:
+                    # the to-be-pruned weights step at lr x pull_lr_mult (short runs: see NMSparseTraining)
+                    mhat = torch.where(pm, mhat * group["pull_lr_mult"], mhat)
                 theta.addcdiv_(mhat, (v / bc2).sqrt_().add_(eps), value=-lr)
                 if "master" in st:
                     local(p).copy_(theta)

@@ -69,13 +69,15 @@ class NMSparseTraining:
     # decay has already taken to ~0 (a ramp longer than the run leaves them partly decayed)
     cast_ramp_steps: int | None = _f(None, "CAST: the pull's weight a_t = t / this rises to 1 over this many steps "
                                      "(default: half of --steps)")
+    cast_pull_lr_mult: float = _f(1.0, "CAST: LR multiplier of the to-be-pruned weights' steps (1: CAST as "
+                                  "described; short runs need more for the pull to reach ~0 before the final prune)")
     mask_refresh_every: int = _f(10, "CAST: recompute the N:M mask by magnitude every this many steps")
     weight_scaling: bool = _f(True, "CAST: learn a scale per (row, half of the columns), folded in at the end")
     scale_lr_mult: float = _f(1.0, "CAST: LR multiplier of the weight scales")
     srste_lambda: float = _f(2e-4, "SR-STE: refined decay lambda * (1 - mask) * W added to the gradient")
 
     def __post_init__(self) -> None:
-        for name in ("cast_decay", "scale_lr_mult", "srste_lambda"):
+        for name in ("cast_decay", "scale_lr_mult", "srste_lambda", "cast_pull_lr_mult"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v} (--{name.replace('_', '-')}).")
@@ -191,7 +193,7 @@ class NMHooks(TrainHooks):
                              "targeted linears must train (drop --train-only, or target what trains).")
         o = self.options
         self.opt = AdamS(spec, betas=betas, decay=o.cast_decay, ramp_steps=self.ramp_steps,
-                         srste_lambda=o.srste_lambda)
+                         srste_lambda=o.srste_lambda, pull_lr_mult=o.cast_pull_lr_mult)
         return self.opt
 
     @property
