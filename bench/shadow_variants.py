@@ -5,8 +5,11 @@ On SmolLM2-135M-Instruct (the dense parent, untrained for sparsity), every FFN's
 oracle top-16-of-64 (by the true |h|) is measured per layer. Variants at the default budget (0.10): the
 default 2-bit shadow (groups of 96, clipping search); the same after activation-aware column scaling
 (quantise W diag(s), score with x / s, s_i = E[x_i^2]^(alpha/2) on the training text, AWQ's idea); a
-4-bit shadow of only the half of the inputs with the most energy E[x_i^2] (|G_:i|^2 + |U_:i|^2). Above
-the budget, for reference: 3 bits (0.127), 4 bits (the budget-0.2 shadow) and 8 bits (the ceiling row).
+4-bit shadow of only the half of the inputs with the most energy E[x_i^2] (|G_:i|^2 + |U_:i|^2). Below it:
+1-bit shadows (two levels per group; 0.044 at groups of 576: what would fit budget 0.05, where `auto` falls
+back to a low-rank predictor; the decode kernels pack 2, 4 or 8 bits, not 1). Above it, for reference:
+3 bits (0.127), 4 bits (the budget-0.2 shadow), 8 bits (the ceiling row), and two-stage scoring (the 2-bit
+shadow's top 20 or 24 per bank re-ranked by their exact |h|, whose extra gate/up rows count as bytes).
 
     python bench/shadow_variants.py [--tokens 512]
 
@@ -71,7 +74,9 @@ def variants(G: torch.Tensor, U: torch.Tensor, x_calib: torch.Tensor):
     out.append((f"4-bit on the {half} highest-energy inputs of {G.shape[1]}", shadow_bytes_fraction(4, group) / 2,
                 shadow(fake_quantize(G[:, cols].contiguous(), 4, group),
                        fake_quantize(U[:, cols].contiguous(), 4, group), cols=cols)))
-    out += [("3-bit, groups of 576", shadow_bytes_fraction(3, 576), plain(3, 576)),
+    out += [("1-bit, groups of 96", shadow_bytes_fraction(1, 96), plain(1, 96)),
+            ("1-bit, groups of 576", shadow_bytes_fraction(1, 576), plain(1, 576)),
+            ("3-bit, groups of 576", shadow_bytes_fraction(3, 576), plain(3, 576)),
             ("4-bit, groups of 64 (budget 0.2)", shadow_bytes_fraction(4, 64), plain(4, 64)),
             ("8-bit, groups of 576 (the ceiling row)", shadow_bytes_fraction(8, 576), plain(8, 576))]
     return out
@@ -98,12 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     for layer, (x, xc) in enumerate(zip(xs_held, xs_calib, strict=True)):
         mlp = model.model.layers[layer].mlp
         G, U = mlp.gate_proj.weight.data.float(), mlp.up_proj.weight.data.float()
-        oracle = bank_topk_mask((F.silu(x @ G.T) * (x @ U.T)).abs(), BANK, KEEP)
+        h = (F.silu(x @ G.T) * (x @ U.T)).abs()
+        oracle = bank_topk_mask(h, BANK, KEEP)
         with torch.no_grad():
             for name, frac, score in variants(G, U, xc):
                 kept = bank_topk_mask(score(x), BANK, KEEP)
                 recalls.setdefault(name, []).append(((kept & oracle).sum() / oracle.sum()).item())
                 fractions[name] = frac
+            # two stages: the 2-bit shadow's top `c` per bank, then the exact |h| of those (their true gate/up
+            # rows, read on top of the kept ones' for the c - 16 extra) picks the 16
+            hq = variants(G, U, xc)[0][2](x)
+            for c in (20, 24):
+                cand = bank_topk_mask(hq, BANK, c)
+                kept = bank_topk_mask(torch.where(cand, h, torch.full_like(h, -1.0)), BANK, KEEP)
+                name = f"2-bit shadow's top {c}, then the exact |h| of those"
+                recalls.setdefault(name, []).append(((kept & oracle).sum() / oracle.sum()).item())
+                fractions[name] = shadow_bytes_fraction(2, 96) + (c - KEEP) / BANK * 2 / 3
         print(f"layer {layer}: " + ", ".join(f"{v[-1]:.3f}" for v in recalls.values()), flush=True)
     rows = [{"method": k, "predictor_bytes": fractions[k], "recall_mean": sum(v) / len(v), "recall_min": min(v),
              "recall_max": max(v), "recall_per_layer": v} for k, v in recalls.items()]
