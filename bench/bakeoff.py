@@ -212,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         r["bytes_vs_dense"] = r["ffn_bytes_per_token"] / dense_bytes if r.get("ffn_bytes_per_token") else None
         r["kind"] = KIND.get(r.get("recipe"), r.get("recipe"))
         model = models.get(r["method"])
-        if model is not None or "measured" not in r:
+        if model is not None:
             r["long_context"] = (long_context_score(model, tok, args.lc_task, args.lc_length, args.lc_samples)
-                                 if model is not None and args.lc_samples else None)
+                                 if args.lc_samples else None)
+        else:  # an earlier run's score when carried, else none
+            r.setdefault("long_context", None)
 
     def opt(key, fmt):
         return lambda r: "-" if r.get(key) is None else format(r[key], fmt)

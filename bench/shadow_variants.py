@@ -106,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         h = (F.silu(x @ G.T) * (x @ U.T)).abs()
         oracle = bank_topk_mask(h, BANK, KEEP)
         with torch.no_grad():
-            for name, frac, score in variants(G, U, xc):
+            scorers = variants(G, U, xc)
+            for name, frac, score in scorers:
                 kept = bank_topk_mask(score(x), BANK, KEEP)
                 recalls.setdefault(name, []).append(((kept & oracle).sum() / oracle.sum()).item())
                 fractions[name] = frac
             # two stages: the 2-bit shadow's top `c` per bank, then the exact |h| of those (their true gate/up
             # rows, read on top of the kept ones' for the c - 16 extra) picks the 16
-            hq = variants(G, U, xc)[0][2](x)
+            hq = scorers[0][2](x)  # the default 2-bit shadow's scores
             for c in (20, 24):
                 cand = bank_topk_mask(hq, BANK, c)
                 kept = bank_topk_mask(torch.where(cand, h, torch.full_like(h, -1.0)), BANK, KEEP)

@@ -120,3 +120,18 @@ def test_bad_groups_are_refused():
         AdamS([p], nm_mode="cast")
     with pytest.raises(ValueError, match="nm_mode"):
         AdamS([p], nm=(2, 4), nm_mode="sgd")
+
+
+def test_an_optimizer_state_saved_before_pull_lr_mult_loads_and_steps_as_cast():
+    p = torch.nn.Parameter(torch.tensor([W0]))
+    opt = AdamS([p], lr=LR, decay=DECAY, ramp_steps=RAMP, nm=(2, 4), nm_mode="cast")
+    state = opt.state_dict()
+    for g in state["param_groups"]:
+        del g["pull_lr_mult"]  # what a checkpoint written before the option holds
+    q = torch.nn.Parameter(torch.tensor([W0]))
+    again = AdamS([q], lr=LR, decay=DECAY, ramp_steps=RAMP, nm=(2, 4), nm_mode="cast")
+    again.load_state_dict(state)
+    p.grad, q.grad = torch.tensor([GRADS[0]]), torch.tensor([GRADS[0]])
+    opt.step()
+    again.step()
+    assert torch.equal(p, q)

@@ -140,7 +140,7 @@ class AdamS(torch.optim.Optimizer):
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 if wd:
                     theta.mul_(1 - lr * wd)
-                if mode == "cast" and group["pull_lr_mult"] != 1:
+                if mode == "cast" and group.get("pull_lr_mult", 1.0) != 1:  # (optimizer states saved before it: 1)
                     # the to-be-pruned weights step at lr x pull_lr_mult (short runs: see NMSparseTraining)
                     mhat = torch.where(pm, mhat * group["pull_lr_mult"], mhat)
                 theta.addcdiv_(mhat, (v / bc2).sqrt_().add_(eps), value=-lr)
