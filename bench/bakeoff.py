@@ -42,8 +42,11 @@ import upcycle
 from upcycle.eval.perplexity import HeldOut
 
 ORDER = ["dense-continued", "posthoc-oracle", "posthoc-shadow", "posthoc-predictor", "default", "pure-shadow",
-         "budget-0.2", "mass-allocation", "keep-warmup", "moe-copy-8x2", "moe-split-25", "nm-magnitude",
-         "nm-sparsegpt", "nm-srste", "nm-cast", "stacked", "stacked-trained"]
+         "budget-0.05", "pure-shadow-0.05", "budget-0.05-lowrank", "budget-0.2", "pure-shadow-0.2",
+         "shadow-8bit-ceiling", "mass-allocation", "keep-warmup-60", "feature-distill-1", "predictor-lr-mult-30",
+         "dense-continued-400", "default-400", "dense-mixed", "default-mixed", "dense-lr-5e-4", "lr-5e-4",
+         "moe-copy-8x2", "moe-split-25", "nm-magnitude", "nm-sparsegpt", "nm-srste", "nm-cast", "nm-cast-pull30",
+         "nm-cast-lr8e-4", "stacked", "stacked-trained"]
 KIND = {"bank_sparse": "activation routing (bank 16/64)", "moe": "experts", "nm": "N:M weights", "dense": "dense"}
 
 
@@ -155,14 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     base = dense_dir(work)
 
     rows = [{"method": "dense parent", "recipe": "dense", "train_tokens": 0, "ppl_in": parent["ppl_in"],
-             "ppl_out": parent["ppl_out"], "model_dir": str(base), "command": "-"}]
+             "ppl_out": parent["ppl_out"], "ppl_far": parent.get("ppl_far"), "model_dir": str(base), "command": "-"}]
     for name in sorted(trained, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
         r = trained[name]
         rows.append({**r, "method": name})
         if name == "default":  # its step-0 point: the default conversion with no training (post-hoc shadow)
             c0 = r["curve"][0]
             rows.append({"method": "posthoc-shadow", "recipe": "bank_sparse", "train_tokens": 0,
-                         "ppl_in": c0["ppl_in"], "ppl_out": c0["ppl_out"], "model_dir": None,
+                         "ppl_in": c0["ppl_in"], "ppl_out": c0["ppl_out"], "ppl_far": c0.get("ppl_far"),
+                         "model_dir": None,
                          "convert_flags": r["convert_flags"], "train_flags": "", "cost_from": "default",
                          "command": r["command"] + " (its step-0 point)"})
 
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     oracle = baselines.apply(upcycle.load(base), "posthoc-magnitude", upcycle.BankSparseConfig())
     ppl = HeldOut(tok, held, args.eval_windows, density=True)(oracle)
     rows.insert(2, {"method": "posthoc-oracle", "recipe": "bank_sparse", "train_tokens": 0, "ppl_in": ppl["in"],
-                    "ppl_out": ppl["out"], "model_dir": None,
+                    "ppl_out": ppl["out"], "ppl_far": ppl.get("far"), "model_dir": None,
                     "command": "python bench/bakeoff.py (baselines.apply posthoc-magnitude)"})
     del oracle
 
@@ -208,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         r["control"] = "dense-continued" if ctrl is control else r["control"]
         r["in_x_control"] = r["ppl_in"] / ctrl["ppl_in"]
         r["out_x_control"] = r["ppl_out"] / ctrl["ppl_out"]
+        r["far_x_control"] = r["ppl_far"] / ctrl["ppl_far"] if r.get("ppl_far") and ctrl.get("ppl_far") else None
         r["active_vs_dense"] = r["active_ffn_params"] / dense_active if r.get("active_ffn_params") else None
         r["bytes_vs_dense"] = r["ffn_bytes_per_token"] / dense_bytes if r.get("ffn_bytes_per_token") else None
         r["kind"] = KIND.get(r.get("recipe"), r.get("recipe"))
@@ -224,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     columns = [("method", "method"), ("kind", "kind"), ("train tokens", "train_tokens"),
                ("in-domain ppl", "ppl_in", ".2f"), ("x control", "in_x_control", ".3f"),
                ("out-of-domain ppl", "ppl_out", ".2f"), ("x control ", "out_x_control", ".3f"),
+               ("Python-reference ppl", opt("ppl_far", ".2f")), ("x control  ", opt("far_x_control", ".3f")),
+               ("train text", lambda r: r.get("train_corpus") or "-"),
                ("active FFN params / token", lambda r: "-" if r.get("active_vs_dense") is None else
                 f"{r['active_ffn_params'] / 1e6:.1f}M ({r['active_vs_dense']:.2f}x)"),
                ("FFN bytes / token at decode", lambda r: "-" if r.get("bytes_vs_dense") is None else
@@ -237,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                 ("train flags", lambda r: r.get("train_flags") or "-"), ("command", lambda r: f"`{r['command']}`")]
     machine = machine_record("cpu", script=__file__)
     notes = [
-        f"SmolLM2-135M-Instruct (fp32). Training: the first 85% of {FILES['wikitext2']} only, seq 256 x batch 2 = 512 "
+        f"SmolLM2-135M-Instruct (fp32). Training: the first 85% of {FILES['wikitext2']} only (train text "
+        "`mixed`: the first 85% of both corpora), seq 256 x batch 2 = 512 "
         "tokens per step, KL to the dense parent (weight 1), bf16 autocast where a row's train flags say so. "
-        "In-domain = WikiText-2's last 15%, out-of-domain = TinyStories' last 15% (never trained on); "
+        "In-domain = WikiText-2's last 15%, out-of-domain = TinyStories' last 15% (never trained on, except by "
+        "`mixed` rows); Python-reference = the last 15% of the Python language reference (pydoc_data), "
+        "out-of-domain for every row (blank: the row ran before that corpus was added and its model is gone); "
         f"first {args.eval_windows} x 512-token windows each. x control: ppl / the matched-token dense control "
         "(dense-continued: the parent trained on the same tokens with the same distillation; a row trained with "
         "other settings, e.g. another LR, over its own control trained with those settings: the row's `control`).",

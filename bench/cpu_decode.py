@@ -53,6 +53,7 @@ PREDICTORS = {  # row name: BankSparseConfig fields
     "sparse shadow-2bit (default)": {"predictor": "auto", "predictor_budget": 0.10},
     "sparse shadow-4bit": {"predictor": "shadow", "predictor_budget": 0.2},
     "sparse low-rank": {"predictor": "lowrank", "predictor_budget": 0.05},
+    "sparse shadow-1bit (budget 0.05)": {"predictor": "auto", "predictor_budget": 0.05},
 }
 DTYPES = ("fp32", "bf16", "int8", "int4")
 

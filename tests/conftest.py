@@ -35,12 +35,25 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def sparse_dir(tmp_path_factory, dense_dir, tokenizer):
-    """dense_dir converted to 16-of-64 banks (SVD predictor) and saved with its tokenizer."""
+    """dense_dir converted to 16-of-64 banks (a low-rank SVD predictor, pinned) and saved with its tokenizer."""
     import upcycle
 
     model = upcycle.load(dense_dir)
-    upcycle.convert(model, upcycle.BankSparseConfig(bank_size=64, keep=16), progress=False)
+    upcycle.convert(model, upcycle.BankSparseConfig(bank_size=64, keep=16, predictor="lowrank"), progress=False)
     return upcycle.save(model, tmp_path_factory.mktemp("sparse") / "model", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def shadow_dir(tmp_path_factory, dense_dir, tokenizer):
+    """dense_dir converted with the defaults (at this shape a 1-bit shadow with a learned bias), saved."""
+    import upcycle
+
+    model = upcycle.load(dense_dir)
+    upcycle.convert(model, upcycle.BankSparseConfig(), progress=False)
+    from upcycle.recipes.bank_sparse import sparse_ffns
+
+    assert next(m for _, m in sparse_ffns(model)).predictor.kind == "shadow"
+    return upcycle.save(model, tmp_path_factory.mktemp("shadow") / "model", tokenizer=tokenizer)
 
 
 @pytest.fixture(params=["qwen2", "llama"])

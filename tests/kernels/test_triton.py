@@ -122,6 +122,7 @@ def test_triton_default_tiles(kernels):
         (torch.bfloat16, 3, 4, 48, 96, 192, 64, 16),  # 24 bytes per group: a masked, non-power-of-two tile
         (torch.float16, 2, 3, 32, 64, 96, 48, 12),  # 3 bits in 4-bit containers, bank not a power of two
         (torch.float32, 2, 8, 16, 32, 128, 32, 5),
+        (torch.float32, 2, 1, 64, 128, 256, 64, 16),  # 1 bit: eight planes per byte
     ],
 )
 @pytest.mark.parametrize("scaled", [False, True])  # True: a learned per-channel weight on the scores

@@ -41,7 +41,7 @@ def test_objective_matches_hf_loss_and_teacher_of_itself_gives_zero_kl():
 
 def test_aux_term_reaches_the_predictor_only_through_its_weight():
     model = tiny_model(vocab_size=512)
-    upcycle.convert(model, upcycle.BankSparseConfig(keep=16), progress=False)
+    upcycle.convert(model, upcycle.BankSparseConfig(keep=16, predictor="lowrank"), progress=False)
     obj = Objective(model)
     ids = torch.randint(0, 512, (2, 24))
     record_aux(model, True)

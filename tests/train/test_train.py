@@ -28,12 +28,16 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(sparse_dir, text_fi
     assert torch.isfinite(model(ids).logits).all()
 
 
-def test_ctrl_c_checkpoints_and_resume_reproduce_the_uninterrupted_run(sparse_dir, text_file, tmp_path,
-                                                                       tiny_train_config):
-    # Everything with state: keep warm-up, LR warm-up + cosine, distillation, decaying aux term,
-    # gradient accumulation, data order.
+@pytest.mark.parametrize("model", ["sparse_dir", "shadow_dir"])
+def test_ctrl_c_checkpoints_and_resume_reproduce_the_uninterrupted_run(model, text_file, tmp_path, tiny_train_config,
+                                                                       request):
+    # Everything with state: keep warm-up, LR warm-up + cosine, distillation, decaying aux term (low-rank),
+    # gradient accumulation, data order; the shadow's cached clipping factors (no evaluation at the cut, which
+    # would refit them in both runs alike).
+    sparse_dir = request.getfixturevalue(model)
+    aux = dict(aux_weight=0.1, aux_steps=4) if model == "sparse_dir" else {}
     kw = dict(steps=6, keep_warmup_steps=4, keep_schedule="cosine", lr_warmup_steps=2, distill_weight=0.5,
-              aux_weight=0.1, aux_steps=4, grad_accum=2, batch_size=2, eval_every=3)
+              grad_accum=2, batch_size=2, eval_every=3 if aux else 4, **aux)
     full = train(tiny_train_config(sparse_dir, [text_file], tmp_path / "full", **kw))
 
     def ctrl_c_at_3(step, record):

@@ -2,8 +2,8 @@
 
 A shadow (see `modules.predictors.ShadowPredictor`) is gate and up quantised to `bits` per weight in
 groups of `group_size` inputs (`reference.shadow_quantize`). Packed, each row of codes is cut into
-its groups; a group of G inputs takes G / (8 / cb) bytes, where cb, the container width, is 2, 4 or
-8 bits (3-bit codes travel in 4-bit containers, 5-7 in 8). Byte k of a group holds inputs
+its groups; a group of G inputs takes G / (8 / cb) bytes, where cb, the container width, is 1, 2, 4
+or 8 bits (3-bit codes travel in 4-bit containers, 5-7 in 8). Byte k of a group holds inputs
 k + p * G / (8 / cb) for p = 0, 1, ... at bit offset cb * p: every bit plane of a group pairs with a
 contiguous run of x, so a kernel unpacks with constant shifts and reads x without shuffles.
 """
@@ -44,7 +44,7 @@ class ShadowPack:
 
 
 def container_bits(bits: int) -> int:
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+    return bits if bits <= 2 else 4 if bits <= 4 else 8
 
 
 def pack_codes(codes: Tensor, bits: int, group_size: int) -> Tensor:

@@ -126,19 +126,28 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+def _module_states(module: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Training state that modules keep outside their parameters (a shadow predictor's refit cache), by module
+    name: any module with `resume_state()` / `load_resume_state(state)` (recipe-agnostic duck typing)."""
+    return {name: m.resume_state() for name, m in module.named_modules() if hasattr(m, "resume_state")}
+
+
 def save_checkpoint(out: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, trainer_state: dict, env: DistEnv, keep_last: int = 2) -> Path:
     """Collective: every process calls it. Returns the checkpoint directory."""
     path = checkpoint_dir(out, trainer_state["step"])
     model_sd, optim_sd = get_state_dict(module, optimizer)
+    modules = _module_states(module)
 
     def write_all(tmp: Path) -> None:
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+            state = {"model": model_sd, "optim": optim_sd, **({"modules": modules} if modules else {})}
+            dcp.save(state, checkpoint_id=str(tmp / "state"))
         _save_rng(tmp, env.rank)
         if env.is_main:
-            meta = {**trainer_state, "world_size": env.world, "scheduler": scheduler.state_dict()}
+            meta = {**trainer_state, "world_size": env.world, "scheduler": scheduler.state_dict(),
+                    "module_states": bool(modules)}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1, default=float))
         env.barrier()  # every rank's files are in tmp before rank 0 renames it
 
@@ -159,7 +168,8 @@ def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
     path = Path(path)
     meta = json.loads((path / STATE_FILE).read_text())
     model_sd, optim_sd = get_state_dict(module, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    modules = _module_states(module) if meta.pop("module_states", False) else {}  # (older checkpoints: none)
+    state = {"model": model_sd, "optim": optim_sd, **({"modules": modules} if modules else {})}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         try:
@@ -170,6 +180,9 @@ def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
             raise ValueError(f"--resume: cannot read the checkpoint {path} ({why}); it is corrupt or was not "
                              "written by upcycle: start a new run (a new --out).") from e
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, m in module.named_modules():
+        if name in modules:
+            m.load_resume_state(state["modules"][name])
     scheduler.load_state_dict(meta.pop("scheduler"))
     if not (meta.get("world_size") == env.world and _load_rng(path, env.rank)):
         log.warning("checkpoint %s was written by %s processes, this run has %d: RNG state not restored "

@@ -172,7 +172,8 @@ def test_fused_after_fork():
 
 @needs_fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bits,group", [(2, 96), (3, 32), (4, 48), (8, 96), (2, 32), (2, 48), (2, 12), (8, 12)])
+@pytest.mark.parametrize("bits,group", [(2, 96), (3, 32), (4, 48), (8, 96), (2, 32), (2, 48), (2, 12), (8, 12),
+                                        (1, 192), (1, 64), (1, 24), (1, 8)])
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("dots", ["int16", "float"])  # int16: the AVX2 path where the CPU has it
 def test_fused_shadow_matches_reference(T, bits, group, dtype, dots, monkeypatch):
@@ -189,7 +190,7 @@ def test_fused_shadow_matches_reference(T, bits, group, dtype, dots, monkeypatch
     w = _weights(d, d_ff, 4, dtype)
     x = torch.randn(T, d).to(dtype)
     pack = pack_shadow(w["w_gate"], w["w_up"], bits, group)
-    assert pack.container_bits == (2 if bits == 2 else 4 if bits <= 4 else 8)
+    assert pack.container_bits == (bits if bits <= 2 else 4 if bits <= 4 else 8)
     idx = torch.full((T, d_ff // bank * keep), -1, dtype=torch.int32)
     out = torch.full((T, d), float("nan"))
     y = cpu.fused_sparse_decode(x, w["w_gate"], w["w_up"], w["w_down"].t().contiguous(), None, None, None, bank,
@@ -243,9 +244,9 @@ def test_unpack_inverts_pack_and_unpack_shadow_matches_the_quantiser():
     from upcycle.kernels.packing import unpack_codes, unpack_shadow
     from upcycle.kernels.reference import shadow_dequantize, shadow_quantize
 
-    for bits, group in [(2, 32), (3, 48), (4, 16), (8, 24)]:
+    for bits, group in [(1, 32), (1, 96), (2, 32), (3, 48), (4, 16), (8, 24)]:
         codes = torch.randint(0, 2**bits, (5, 96), dtype=torch.uint8)
-        cb = 2 if bits == 2 else 4 if bits <= 4 else 8
+        cb = bits if bits <= 2 else 4 if bits <= 4 else 8
         assert torch.equal(unpack_codes(pack_codes(codes, bits, group), cb, group), codes)
         w = torch.randn(7, 96)
         gq, uq = unpack_shadow(pack_shadow(w, 2 * w, bits, group))

@@ -28,7 +28,8 @@ def _skip_unless_supported(path: str) -> None:
 @needs_fused
 @pytest.mark.parametrize("path", list(features.DOT_PATHS))
 @pytest.mark.parametrize("bits,group,d", [(2, 128, 256), (2, 96, 192), (4, 64, 192), (4, 48, 192), (8, 32, 96),
-                                          (3, 24, 96), (2, 12, 96), (8, 200, 200)])
+                                          (3, 24, 96), (2, 12, 96), (8, 200, 200), (1, 192, 384), (1, 24, 96),
+                                          (1, 8, 96)])
 @pytest.mark.parametrize("T", [1, 3])
 def test_dot_path_matches_reference(path, bits, group, d, T):
     _skip_unless_supported(path)
@@ -52,14 +53,15 @@ def test_dot_path_matches_reference(path, bits, group, d, T):
 
 
 @needs_fused
-def test_integer_paths_agree_with_each_other_and_auto_is_the_best():
+@pytest.mark.parametrize("bits", [1, 2])
+def test_integer_paths_agree_with_each_other_and_auto_is_the_best(bits):
     """The integer sums are exact in every path: the scores agree to float rounding, so the kept channels match."""
     paths = [p for p in cpu.available_dot_paths() if p != "float"]
     if not paths:
         pytest.skip("no integer dot path on this CPU (needs avx2)")
     d, d_ff = 896, 512
     w_gate, w_up, w_dt = (torch.randn(d_ff, d) / d**0.5 for _ in range(3))
-    pack = pack_shadow(w_gate, w_up, 2, 128)
+    pack = pack_shadow(w_gate, w_up, bits, 128)
     x = torch.randn(4, d)
     got = {}
     for p in paths:

@@ -106,10 +106,11 @@ def test_int4_rows_lowrank_match_reference(path, T, d, d_ff, bank, keep, alpha):
 
 @needs_fused
 @pytest.mark.parametrize("T", [1, 3])
-def test_int4_rows_shadow_keep_the_shadows_channels(T):
+@pytest.mark.parametrize("bits", [1, 2])
+def test_int4_rows_shadow_keep_the_shadows_channels(T, bits):
     d, d_ff = 128, 256
     g, u, dn = pack_q4(torch.randn(d_ff, d)), pack_q4(torch.randn(d_ff, d)), pack_q4(torch.randn(d_ff, d))
-    pack = pack_shadow(unpack_q4(g), unpack_q4(u), 2, 64)
+    pack = pack_shadow(unpack_q4(g), unpack_q4(u), bits, 64)
     x = torch.randn(T, d)
     idx = torch.empty(T, d_ff // 64 * 16, dtype=torch.int32)
     idx8 = torch.empty_like(idx)

@@ -17,10 +17,15 @@ def test_converts_every_swiglu_ffn_and_keeps_hf_names(arch):
     assert [m.layer_idx for m in mods] == [0, 1, 2]
     assert all(m.gate_proj.weight is w for m, w in zip(mods, gate_weights))  # no copies
     keys = model.state_dict().keys()
-    for suffix in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-                   "mlp.predictor.in_proj.weight", "mlp.predictor.out_proj.weight", "mlp.predictor.out_proj.bias"):
+    # the default at these shapes: a 1-bit shadow (no weights of its own) with a learned per-channel bias
+    for suffix in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "mlp.predictor.bias"):
         assert f"model.layers.1.{suffix}" in keys
     assert isinstance(mods[0].gate_proj, nn.Linear)
+    lowrank = upcycle.convert(tiny_model(arch, vocab_size=512, num_hidden_layers=3),
+                              upcycle.BankSparseConfig(predictor="lowrank"), progress=False)
+    keys = lowrank.state_dict().keys()
+    for suffix in ("mlp.predictor.in_proj.weight", "mlp.predictor.out_proj.weight", "mlp.predictor.out_proj.bias"):
+        assert f"model.layers.1.{suffix}" in keys
 
 
 def test_layer_selection_and_per_layer_keep():
@@ -97,8 +102,8 @@ def test_calibrated_predictor_beats_svd_and_random():
         model = AutoModelForCausalLM.from_config(cfg).eval()
         for layer in model.model.layers:
             layer.mlp.up_proj.weight.data *= torch.randn(256, 1).exp()
-        upcycle.convert(model, upcycle.BankSparseConfig(predictor_init=init, calibrate_steps=100, calibrate_lr=3e-2),
-                        calibration_ids=calib, progress=False)
+        upcycle.convert(model, upcycle.BankSparseConfig(predictor="lowrank", predictor_init=init, calibrate_steps=100,
+                                                        calibrate_lr=3e-2), calibration_ids=calib, progress=False)
         recalls[init] = sum(measure_recall(model, held).values()) / 2
     assert recalls["random"] < 0.3, recalls
     assert recalls["calibrate"] > recalls["svd"] + 0.1, recalls
@@ -121,8 +126,8 @@ def test_calibration_steps_scale_with_the_layer_unless_given_and_the_bar_counts_
 
     model = tiny_model(vocab_size=512)  # 2 layers, intermediate_size 256
     ids = torch.randint(0, 512, (4, 32))
-    upcycle.convert(model, upcycle.BankSparseConfig(predictor_init="calibrate", calibrate_steps=steps),
-                    calibration_ids=ids)
+    upcycle.convert(model, upcycle.BankSparseConfig(predictor="lowrank", predictor_init="calibrate",
+                                                    calibrate_steps=steps), calibration_ids=ids)
     ran = default_calibrate_steps(256) if steps is None else steps
     assert ran == (64 if steps is None else 3)  # a tiny layer: far fewer than a real LLM's 300
     err = capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_module_training_forward_uses_the_fused_path_and_matches_inference():
     from upcycle.testing import tiny_model
 
     model = tiny_model(vocab_size=512)
-    upcycle.convert(model, upcycle.BankSparseConfig(keep=16), progress=False)
+    upcycle.convert(model, upcycle.BankSparseConfig(keep=16, predictor="lowrank"), progress=False)
     ids = torch.randint(0, 512, (2, 24))
     train_logits, calls = _forward_counting(model, ids, _FusedMaskedSwiGLU)
     with torch.no_grad():

@@ -36,7 +36,9 @@ def test_down_proj_input_has_keep_nonzeros_per_bank(tiny):
 
 @pytest.mark.parametrize("mode", ["ste", "sigmoid"])
 def test_predictor_gets_gradients_from_lm_loss(tiny, mode):
-    upcycle.convert(tiny, upcycle.BankSparseConfig(keep=16, gate_mode=mode), progress=False)
+    # the sigmoid gate scales by low-rank logits; ste takes the default (a shadow with a learned bias here)
+    cfg = upcycle.BankSparseConfig(keep=16, gate_mode=mode, predictor="lowrank" if mode == "sigmoid" else "auto")
+    upcycle.convert(tiny, cfg, progress=False)
     ids = _ids()
     tiny.train()
     tiny(ids, labels=ids).loss.backward()
@@ -48,7 +50,7 @@ def test_predictor_gets_gradients_from_lm_loss(tiny, mode):
 def test_sigmoid_mode_starts_close_to_dense(tiny):
     ids = _ids()
     dense = tiny(ids).logits
-    upcycle.convert(tiny, upcycle.BankSparseConfig(keep=64, gate_mode="sigmoid"), progress=False)
+    upcycle.convert(tiny, upcycle.BankSparseConfig(keep=64, gate_mode="sigmoid", predictor="lowrank"), progress=False)
     sparse = tiny(ids).logits
     assert not torch.equal(dense, sparse)  # the gate really scales
     assert ((sparse - dense).norm() / dense.norm()).item() < 0.05
@@ -103,7 +105,7 @@ def test_gather_reference_equals_masked_reference():
 
 def test_aux_loss_recorded_and_differentiable():
     m = tiny_model(vocab_size=512)
-    upcycle.convert(m, upcycle.BankSparseConfig(keep=16), progress=False)
+    upcycle.convert(m, upcycle.BankSparseConfig(keep=16, predictor="lowrank"), progress=False)  # aux: low-rank logits
     mods = [mod for _, mod in sparse_ffns(m)]
     for mod in mods:
         mod.record_aux = True

@@ -79,9 +79,12 @@ def test_pinned_bits_and_group_are_kept_and_priced_as_pinned(caplog):
         spec = cfg.predictor_spec(576, 1536)
     assert spec == {"predictor": "shadow", "shadow_bits": 4, "shadow_group_size": 48}
     assert f"{shadow_bytes_fraction(4, 48):.3f}" in caplog.text  # the pinned group's bytes, not another's
-    assert choose_predictor(0.05, 576, 1536)["predictor"] == "lowrank"
+    assert choose_predictor(0.03, 576, 1536)["predictor"] == "lowrank"  # below any shadow's bytes
     with pytest.raises(ValueError, match="raise the budget"):
-        choose_predictor(0.05, 576, 1536, kind="shadow")
+        choose_predictor(0.03, 576, 1536, kind="shadow")
+    # 0.05: no 2-bit shadow fits; auto takes a 1-bit one in groups of 192 (0.049), as a pinned 1 bit does
+    one_bit = {"predictor": "shadow", "shadow_bits": 1, "shadow_group_size": 192}
+    assert choose_predictor(0.05, 576, 1536) == one_bit == choose_predictor(0.05, 576, 1536, bits=1)
 
 
 def test_shadow_at_8_bits_finds_the_oracle_channels():

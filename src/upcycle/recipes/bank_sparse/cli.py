@@ -33,7 +33,7 @@ def add_convert_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--predictor", choices=["auto", "lowrank", "shadow"], default=d.predictor,
                    help="auto: a low-bit shadow of gate/up when 2 bits fit the budget, else low-rank (%(default)s)")
     g.add_argument("--rank", type=int, default=None, help="pin the low-rank predictor's rank (implies lowrank)")
-    g.add_argument("--shadow-bits", type=int, default=None, help="pin the shadow's bits (2-8)")
+    g.add_argument("--shadow-bits", type=int, default=None, help="pin the shadow's bits (1-8)")
     g.add_argument("--shadow-bias", action=argparse.BooleanOptionalAction, default=d.shadow_bias,
                    help="a shadow's learned per-channel bias on its log-score, trained by the LM loss "
                    "(--no-shadow-bias: the pure shadow, no routing parameter) (%(default)s)")

@@ -101,8 +101,8 @@ class BankSparseConfig:
             raise ValueError(f"predictor={self.predictor!r} is not one of {PREDICTOR_KINDS}.")
         if not 0 < self.predictor_budget <= 1:
             raise ValueError(f"predictor_budget={self.predictor_budget} must lie in (0, 1] (default 0.10).")
-        if self.shadow_bits is not None and not 2 <= self.shadow_bits <= 8:
-            raise ValueError(f"shadow_bits={self.shadow_bits} must lie in [2, 8].")
+        if self.shadow_bits is not None and not 1 <= self.shadow_bits <= 8:
+            raise ValueError(f"shadow_bits={self.shadow_bits} must lie in [1, 8].")
         if self.shadow_group_size is not None and self.shadow_group_size < 1:
             raise ValueError(f"shadow_group_size={self.shadow_group_size} must be >= 1.")
         if self.layers is not None and (any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers)):

@@ -165,13 +165,14 @@ static float qdot##CB(const uint8_t *P, const float *restrict x, const float *xs
     }                                                                                                    \
     return total;                                                                                        \
 }
+QDOT(1)
 QDOT(2)
 QDOT(4)
 QDOT(8)
 static inline float qdot(const uint8_t *P, const float *restrict x, const float *xs, const uint16_t *sc,
                          const uint16_t *lo, int d, int G, int cb) {
-    return cb == 2 ? qdot2(P, x, xs, sc, lo, d, G) : cb == 4 ? qdot4(P, x, xs, sc, lo, d, G)
-                                                             : qdot8(P, x, xs, sc, lo, d, G);
+    return cb == 1 ? qdot1(P, x, xs, sc, lo, d, G) : cb == 2 ? qdot2(P, x, xs, sc, lo, d, G)
+         : cb == 4 ? qdot4(P, x, xs, sc, lo, d, G) : qdot8(P, x, xs, sc, lo, d, G);
 }
 /* The same dots in integers, gate and up rows of one channel in one pass sharing the x loads: x
    quantised per group to int16 (scale sx = max|x| / 32767: rounding errors ~1e-5 of the group's
@@ -293,6 +294,7 @@ static void NAME##_##CB(const uint8_t *Pg, const uint8_t *Pu, const int16_t *xq,
     *out_u = hsum(vu) + ru;                                                                              \
 }
 #define QDOT16_ALL(NAME, TGT, ACC256, ACC128, WIDE)                                                      \
+    QDOT16(NAME, TGT, 1, ACC256, ACC128, WIDE)                                                           \
     QDOT16(NAME, TGT, 2, ACC256, ACC128, WIDE)                                                           \
     QDOT16(NAME, TGT, 4, ACC256, ACC128, WIDE)                                                           \
     QDOT16(NAME, TGT, 8, ACC256, ACC128, WIDE)
@@ -305,7 +307,7 @@ QDOT16_ALL(qdot16_avx512vnni, "avx2,avx512f,avx512bw,avx512vl,avx512vnni", ACC25
 
 /* Split-int8 dots (vpdpbusd: 4 unsigned bytes x 4 signed bytes into each int32 lane): x quantised per group to
    15 bits, x = sx * (128 * hi + lo) with hi in [-128, 127] and lo in [0, 127], both int8, so the codes never
-   need widening: a plane is masked in place (its codes scaled by 2^(CB p), at most 192 / 240 / 255, still
+   need widening: a plane is masked in place (its codes scaled by 2^(CB p), at most 128 / 192 / 240 / 255, still
    unsigned bytes), multiplied-and-added with hi and with lo, 32 codes per instruction, and the scale 2^-(CB p)
    taken off the exact int32 sums (they are multiples of it) at the end of the group. Half the instructions
    of the int16 paths per code. `xq` points at the token's hi bytes, d + 32 of them, then its lo bytes. */
@@ -364,7 +366,8 @@ static void NAME##_##CB(const uint8_t *Pg, const uint8_t *Pu, const int16_t *xq1
     *out_g = hsum(vg) + rg;                                                                              \
     *out_u = hsum(vu) + ru;                                                                              \
 }
-#define QDOT8S_ALL(NAME, TGT, DPB) QDOT8S(NAME, TGT, 2, DPB) QDOT8S(NAME, TGT, 4, DPB) QDOT8S(NAME, TGT, 8, DPB)
+#define QDOT8S_ALL(NAME, TGT, DPB)                                                                       \
+    QDOT8S(NAME, TGT, 1, DPB) QDOT8S(NAME, TGT, 2, DPB) QDOT8S(NAME, TGT, 4, DPB) QDOT8S(NAME, TGT, 8, DPB)
 #ifndef UPC_NO_AVXVNNI
 QDOT8S_ALL(qdot8s_avxvnni, "avx2,avxvnni", DPBUSD_AVXVNNI)
 #endif
@@ -422,22 +425,24 @@ int upc_q4_dot_path(int requested) {
 }
 
 #ifdef SHADOW_INT16
+#define PICK_CB(NAME) (cb == 1 ? NAME##_1 : cb == 2 ? NAME##_2 : cb == 4 ? NAME##_4 : NAME##_8)
 static qdot16_fn pick_qdot16(int path, int cb) {
     switch (path) {
-    case UPC_DOTS_AVX2: return cb == 2 ? qdot16_avx2_2 : cb == 4 ? qdot16_avx2_4 : qdot16_avx2_8;
+    case UPC_DOTS_AVX2: return PICK_CB(qdot16_avx2);
 #ifndef UPC_NO_AVXVNNI
-    case UPC_DOTS_AVXVNNI: return cb == 2 ? qdot16_avxvnni_2 : cb == 4 ? qdot16_avxvnni_4 : qdot16_avxvnni_8;
+    case UPC_DOTS_AVXVNNI: return PICK_CB(qdot16_avxvnni);
 #endif
     case UPC_DOTS_AVX512VNNI:
-        return cb == 2 ? qdot16_avx512vnni_2 : cb == 4 ? qdot16_avx512vnni_4 : qdot16_avx512vnni_8;
+        return PICK_CB(qdot16_avx512vnni);
 #ifndef UPC_NO_AVXVNNI
-    case UPC_DOTS_AVXVNNI8: return cb == 2 ? qdot8s_avxvnni_2 : cb == 4 ? qdot8s_avxvnni_4 : qdot8s_avxvnni_8;
+    case UPC_DOTS_AVXVNNI8: return PICK_CB(qdot8s_avxvnni);
 #endif
     case UPC_DOTS_AVX512VNNI8:
-        return cb == 2 ? qdot8s_avx512vnni_2 : cb == 4 ? qdot8s_avx512vnni_4 : qdot8s_avx512vnni_8;
+        return PICK_CB(qdot8s_avx512vnni);
     default: return NULL;
     }
 }
+#undef PICK_CB
 #endif
 
 /* Dots of int8 weight rows with x quantised per group of LIN_G inputs to int16 (x ~= xq * sx[g], as for the

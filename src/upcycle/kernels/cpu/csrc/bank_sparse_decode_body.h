@@ -204,7 +204,7 @@ static void FN(bank)(const args_t *A, int b, float *yp, float *scr) {
 int FN(upc_decode)(const upc_decode_args *p) {
     const int T = p->T, d = p->d, dff = p->dff, bank = p->bank, keep = p->keep, cb = p->cb, G = p->G;
     if (T < 1 || T > 64 || d < 1 || bank < 1 || dff % bank || keep > bank || keep < 1 || p->nthreads < 1) return 1;
-    if (p->qg && (!p->qu || !p->sg || !p->lg || !p->su || !p->lu || (cb != 2 && cb != 4 && cb != 8) || G < 1
+    if (p->qg && (!p->qu || !p->sg || !p->lg || !p->su || !p->lu || (cb != 1 && cb != 2 && cb != 4 && cb != 8) || G < 1
                   || d % G || G % (8 / cb) || p->use_sigmoid)) return 1;
     if (!p->qg && (!p->win || !p->wout || p->r < 1)) return 1;
     if ((p->scg || p->scu || p->scd) && !(p->scg && p->scu && p->scd)) return 1;  /* int8: all three */
