@@ -307,14 +307,18 @@ def plot(rows: list[dict], png: Path, machine: dict) -> None:
             while any(abs(x - px) < 70 and abs(y + dy - py) < 9 for px, py in placed):
                 dy += 9
             placed.append((x, y + dy))
-            ax.annotate(r["method"], (r["decode_x_dense"], r[key]), textcoords="offset points", xytext=(4, dy),
+            carried = r.get("measured", "this run") != "this run"
+            ax.annotate(r["method"] + (" *" if carried else ""), (r["decode_x_dense"], r[key]),
+                        textcoords="offset points", xytext=(4, dy),
                         fontsize=7, arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if dy > 4 else None)
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
         ax.legend(fontsize=7)
+    older = sorted({r["measured"].split(",")[0] for r in rows if r.get("measured", "this run") != "this run"})
     fig.suptitle(f"SmolLM2-135M, every recipe at equal training tokens: quality vs CPU decode speed "
-                 f"({machine['cpu']})", fontsize=10)
+                 f"({machine['cpu']}" + (f"; * speed from an earlier run on {', '.join(older)}" if older else "")
+                 + ")", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

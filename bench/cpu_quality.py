@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, Table, machine_record, write_result
+from real_model import WORK, dense_dir
 
 import upcycle
 from upcycle.kernels import cpu, use_kernels
@@ -27,7 +28,6 @@ from upcycle.kernels.cpu import features
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = {"WikiText-2": "wikitext-2-raw-test.txt", "TinyStories": "tinystories-val.txt"}
-SMOLLM2 = Path("/work/cache/smollm2-135m-dense")
 
 
 def held_out_ids(tokenizer, text: str, n_tokens: int) -> torch.Tensor:
@@ -109,7 +109,7 @@ def agreement_rows(args, tokenizer, texts: dict[str, str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(SMOLLM2))
+    p.add_argument("--model", help=f"checkpoint (default the SmolLM2 parent, {WORK / 'dense'}, built once)")
     p.add_argument("--windows", type=int, default=16, help="ppl windows per corpus")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--agree-tokens", type=int, default=512)
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all((SHARED / f).exists() for f in FILES.values()):
         print(f"skipped: {SHARED} (the team's shared/data) is absent")
         return 0
+    args.model = args.model or str(dense_dir())
     if not Path(args.model).exists():
         print(f"skipped: no checkpoint at {args.model}")
         return 0

@@ -38,7 +38,7 @@ from common import RESULTS, machine_record, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-SMOLLM2 = Path("/work/cache/smollm2-135m-dense")
+SMOLLM2 = Path(os.path.expanduser("~/.cache/upcycle/real_model/dense"))  # bench/real_model.py's parent
 QWEN25_7B = {  # Qwen2.5-7B's config.json (the published one; only the shapes matter to the plan)
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
     "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,

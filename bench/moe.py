@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from common import REPO, RESULTS, Table, abba, machine_record, quartiles, time_interleaved, write_result
-from real_model import split_texts  # the one train / held-out cut every real-model bench shares
+from real_model import WORK, dense_dir, split_texts  # the one parent and train / held-out cut of the real-model benches
 
 from upcycle.eval.perplexity import HeldOut
 
@@ -47,7 +47,7 @@ SHARED = REPO.parent / "shared" / "data"
 FILES = {"wikitext2": "wikitext-2-raw-test.txt", "tinystories": "tinystories-val.txt"}
 CORPUS_NAMES = {"wikitext2": "WikiText-2", "tinystories": "TinyStories"}
 HELD_OUT = 0.15
-DENSE = Path("/work/cache/smollm2-135m-dense")
+DENSE = WORK / "dense"
 STATE = RESULTS / "moe.json"
 
 METHODS = {
@@ -301,7 +301,7 @@ def _real_setup(args) -> tuple[dict, Path, Path, dict[str, str], Path, object]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     train_dir, held_text = split_texts(work)
-    base = Path(args.dense_dir)
+    base = Path(args.dense_dir) if args.dense_dir else dense_dir()
     return machine, work, train_dir, held_text, base, load_pretrained(base)[1]
 
 
@@ -323,6 +323,7 @@ def quality(args) -> None:
         sys.exit("bench/results/routing.json has no dense-continued row: run `python bench/routing.py run --name "
                  "dense-continued --dense --train '--precision bf16'` first.")
     _, held_text = split(Path(args.work), "wikitext2")
+    args.dense_dir = str(Path(args.dense_dir) if args.dense_dir else dense_dir())
     held = HeldOut(load_pretrained(Path(args.dense_dir))[1], held_text, 1)
     control = by_name["dense-continued"]
     rows = {}
@@ -379,7 +380,7 @@ def steptime(args) -> None:
 
     torch.set_num_threads(args.threads)
     machine = machine_record("cpu", script=__file__)
-    base = Path(args.dense_dir)
+    base = Path(args.dense_dir) if args.dense_dir else dense_dir()
     teacher = upcycle.load(base).eval().requires_grad_(False)
     head = teacher.get_output_embeddings()
     cfg = TrainConfig(model=str(base), data=["-"], out="-")
@@ -493,19 +494,19 @@ def main() -> None:
     t.add_argument("--decode-iters", type=int, default=200, help="timed decode steps per provider")
     q = sub.add_parser("quality", help="the quality table from bench/routing.py's rows + MoE routing stats + export")
     q.add_argument("--threads", type=int, default=2)
-    q.add_argument("--dense-dir", default=str(DENSE))
-    q.add_argument("--work", default=str(Path("~/.cache/upcycle/real_model").expanduser()),
+    q.add_argument("--dense-dir", help=f"the dense parent (default {DENSE}, built from the wheel once)")
+    q.add_argument("--work", default=str(WORK),
                    help="bench/routing.py's work folder (its text split)")
     st = sub.add_parser("steptime")
     st.add_argument("--threads", type=int, default=1)
     st.add_argument("--steps", type=int, default=3, help="timed steps per model and round (after one warm-up)")
     st.add_argument("--rounds", type=int, default=2)
-    st.add_argument("--dense-dir", default=str(DENSE))
+    st.add_argument("--dense-dir", help=f"the dense parent (default {DENSE})")
     ex = sub.add_parser("export", help="export round trip of trained MoE models")
     ex.add_argument("--steps", type=int, default=10)
     ex.add_argument("--methods", default="moe-copy-8x2,moe-split-25")
     ex.add_argument("--threads", type=int, default=2)
-    ex.add_argument("--dense-dir", default=str(DENSE))
+    ex.add_argument("--dense-dir", help=f"the dense parent (default {DENSE})")
     ex.add_argument("--work", default="/work/scratch/moe-export")
     sub.add_parser("report")
     args = p.parse_args()

@@ -72,8 +72,12 @@ def split_texts(work: Path) -> tuple[Path, dict[str, str]]:
     return train_dir, held
 
 
-def dense_dir(work: Path) -> Path:
-    """The GGUF dequantised and saved as a plain fp32 checkpoint directory (once)."""
+WORK = Path(os.path.expanduser("~/.cache/upcycle/real_model"))
+
+
+def dense_dir(work: Path = WORK) -> Path:
+    """The GGUF dequantised and saved as a plain fp32 checkpoint directory (once); every bench that needs
+    the SmolLM2 parent calls this, so none depends on a path from another machine."""
     out = work / "dense"
     if not (out / "config.json").exists():
         import upcycle
@@ -516,7 +520,7 @@ def _gmean(ppl: dict, dense: dict) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["scorers", "train", "report", "xquant", "decode"])
-    ap.add_argument("--work", default=os.path.expanduser("~/.cache/upcycle/real_model"))
+    ap.add_argument("--work", default=str(WORK))
     ap.add_argument("--eval-windows", type=int, default=8, help="512-token held-out windows per corpus")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])

@@ -61,6 +61,25 @@ def test_fast_decode_path_is_counted():
         assert s["ffn_density"] == pytest.approx(0.25, abs=1e-6) and s["tokens"] == 1
 
 
+def test_measuring_leaves_decode_on_the_fused_kernel():
+    """`upcycle eval` measures with FFNStats open: a bank-sparse FFN's decode step must run the same kernel as
+    without it (a hook on down_proj used to switch it to the torch path, so eval scored another numeric path than
+    `generate` runs and greedy task answers could flip)."""
+    from upcycle.kernels import cpu
+
+    if not cpu.fused_available():
+        pytest.skip("no C compiler: fused CPU kernel not built")
+    model = tiny_model("qwen2", vocab_size=128)
+    upcycle.convert(model, BankSparseConfig(), progress=False)
+    x = torch.randn(1, 1, model.config.hidden_size)
+    with torch.no_grad():
+        for _, m in sparse_ffns(model):
+            plain = runtime.decode_forward(m, x)
+            with FFNStats(model):
+                measured = runtime.decode_forward(m, x)
+            assert plain is not None and measured is not None and torch.equal(measured, plain)
+
+
 def test_bank_utilisation_definition():
     """One layer, bank 4 keep 1: always channel 0 -> util 1/4, 2 dead of 4 banks' channels; uniform -> 1."""
     model = tiny_model("qwen2", vocab_size=64, hidden_size=32, intermediate_size=8, num_hidden_layers=1)

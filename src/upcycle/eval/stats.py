@@ -122,7 +122,12 @@ class FFNStats:
     def __enter__(self) -> FFNStats:
         for j, (_, _, m) in enumerate(self.ffns):
             self._hooks.append(m.register_forward_pre_hook(lambda mod, args, j=j: self._start(j, args[0])))
-            self._hooks.append(m.down_proj.register_forward_pre_hook(lambda mod, args, j=j: self._used(j, args[0])))
+            # A module that can say its mask (bank-sparse, no custom mask_fn) gets no hook on its linears: one there
+            # would switch its decode steps off the fused kernel, so the measured model would not be the one
+            # `generate` runs.
+            if not hasattr(m, "kept_mask") or getattr(m, "mask_fn", None) is not None:
+                self._hooks.append(m.down_proj.register_forward_pre_hook(
+                    lambda mod, args, j=j: self._used(j, args[0])))
             self._hooks.append(m.register_forward_hook(lambda mod, args, out, j=j: self._finish(j, mod)))
         return self
 
@@ -145,7 +150,7 @@ class FFNStats:
         if x is None:
             return
         x = x.reshape(-1, x.shape[-1])
-        if used is None:  # a fused kernel ran without calling down_proj: rebuild the module's mask
+        if used is None:  # the module's own mask (what its forward or fused kernel kept)
             if not hasattr(m, "kept_mask"):
                 return
             used = m.kept_mask(x)

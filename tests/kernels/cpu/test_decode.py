@@ -139,6 +139,25 @@ def test_fused_helper_threads_and_concurrent_callers():
     assert not errors
 
 
+def test_kernel_threads_fixes_the_count_over_the_environment_and_the_pool(monkeypatch):
+    """kernel_threads(n) > UPCYCLE_CPU_THREADS > pool_threads > torch's count, for large calls; small calls run on
+    one thread unless a count is fixed; the adaptive 1-or-N choice is off whenever a count is fixed."""
+    big = 1 << 20
+    monkeypatch.delenv("UPCYCLE_CPU_THREADS", raising=False)
+    assert cpu._adaptive(None) and cpu._threads(big) == torch.get_num_threads() and cpu._threads(16) == 1
+    with cpu.pool_threads(3):
+        assert cpu._threads(big) == 3 and not cpu._adaptive(None)
+        monkeypatch.setenv("UPCYCLE_CPU_THREADS", "2")
+        assert cpu._threads(big) == 2
+        with cpu.kernel_threads(5):
+            assert cpu._threads(big) == 5 and cpu._threads(16) == 5 and not cpu._adaptive(None)
+        assert cpu._threads(big) == 2  # restored on exit
+    monkeypatch.delenv("UPCYCLE_CPU_THREADS")
+    with cpu.kernel_threads(0):
+        assert cpu._threads(big) == 1
+    assert cpu._adaptive(None) and cpu._adaptive(2) is False
+
+
 @needs_fused
 @pytest.mark.parametrize("T", [1, 4])
 def test_fused_is_bitwise_deterministic_across_thread_counts(T):

@@ -10,7 +10,8 @@ import torch
 
 import upcycle
 from upcycle.eval import tasks
-from upcycle.recipes.bank_sparse import sparse_ffns
+from upcycle.kernels import cpu
+from upcycle.recipes.bank_sparse import runtime, sparse_ffns
 from upcycle.recipes.layer_repair import diagnose as D
 from upcycle.recipes.layer_repair import repair as R
 from upcycle.testing import tiny_model
@@ -61,6 +62,23 @@ def test_helpers(pair):
         D.check_layers([0, 7], sparse)
     with pytest.raises(ValueError, match="is a bank-sparse model"):
         D.check_dense(sparse)
+
+
+@pytest.mark.skipif(not cpu.fused_available(), reason="no C compiler: fused CPU kernel not built")
+def test_the_screen_leaves_decode_on_the_fused_kernel(pair):
+    """The diagnosis scores the sparse model with the screen's hooks on: its decode steps must run the same
+    kernel as without them (a hook on an FFN linear used to switch them to the torch path, and greedy decoding
+    then flipped near-ties: the diagnosis' sparse score differed from `upcycle eval`'s)."""
+    sparse, _ = pair
+    x = torch.randn(1, 1, sparse.config.hidden_size)  # one decode step
+    with torch.no_grad():
+        for _, m in sparse_ffns(sparse):
+            plain = runtime.decode_forward(m, x)
+            assert plain is not None
+            with D.Screen(sparse, kl_positions=8):
+                screened = runtime.decode_forward(m, x)
+                assert screened is not None and torch.equal(m(x), plain)
+            assert torch.equal(screened, plain)
 
 
 def test_screen_statistics(pair, tokenizer):

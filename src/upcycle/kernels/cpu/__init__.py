@@ -240,34 +240,56 @@ _chooser = _ThreadChooser()
 
 
 _pool_threads: int | None = None  # `pool_threads(n)`: the helper pool's count while torch runs with fewer
+_fixed_threads: int | None = None  # `kernel_threads(n)`: the in-process form of UPCYCLE_CPU_THREADS
 
 
 @contextlib.contextmanager
-def pool_threads(n: int | None) -> Iterator[None]:
-    """Within the block the C kernels' helper pool may use up to `n` threads whatever torch's own count is
-    (UPCYCLE_CPU_THREADS still wins); None: no change. `upcycle.generate` holds torch at one thread for the decode
-    steps of a quantised model, whose big linears all run here."""
-    global _pool_threads
-    before = _pool_threads
-    _pool_threads = n if n is None else max(1, int(n))
+def _thread_setting(name: str, n: int | None) -> Iterator[None]:
+    """Set module global `name` to n (at least 1; None: unset) for the block, then restore it."""
+    before = globals()[name]
+    globals()[name] = n if n is None else max(1, int(n))
     try:
         yield
     finally:
-        _pool_threads = before
+        globals()[name] = before
+
+
+def pool_threads(n: int | None) -> contextlib.AbstractContextManager[None]:
+    """Within the block the C kernels' helper pool may use up to `n` threads whatever torch's own count is
+    (UPCYCLE_CPU_THREADS still wins); None: unset within the block. `upcycle.generate` holds torch at one
+    thread for the decode steps of a quantised model, whose big linears all run here."""
+    return _thread_setting("_pool_threads", n)
+
+
+def kernel_threads(n: int | None) -> contextlib.AbstractContextManager[None]:
+    """Within the block the C kernels use exactly `n` threads on large calls, over UPCYCLE_CPU_THREADS,
+    `pool_threads` and torch's count (the in-process form of that variable; benchmarks use this, not the
+    environment); None: unset within the block."""
+    return _thread_setting("_fixed_threads", n)
+
+
+def _env_threads() -> int | None:
+    """A fixed kernel thread count: `kernel_threads` (wins, as `use_kernels` wins over the environment), else
+    UPCYCLE_CPU_THREADS, else None."""
+    if _fixed_threads is not None:
+        return _fixed_threads
+    env = os.environ.get("UPCYCLE_CPU_THREADS")
+    return max(1, int(env)) if env else None
 
 
 def _adaptive(num_threads: int | None) -> bool:
-    """Whether a call picks 1 or N threads by measured time: not when the caller, UPCYCLE_CPU_THREADS or
-    `pool_threads` fixed the count (under `pool_threads` torch is held back and the pool has the cores)."""
-    return num_threads is None and not os.environ.get("UPCYCLE_CPU_THREADS") and _pool_threads is None
+    """Whether a call picks 1 or N threads by measured time: not when the caller, UPCYCLE_CPU_THREADS,
+    `kernel_threads` or `pool_threads` fixed the count (under `pool_threads` torch is held back and the pool
+    has the cores)."""
+    return num_threads is None and _env_threads() is None and _pool_threads is None
 
 
 def _threads(work: int) -> int:
-    """Upper bound on threads: UPCYCLE_CPU_THREADS, else `pool_threads`, else torch's; tiny FFNs (tests, toys)
-    use one."""
-    env = os.environ.get("UPCYCLE_CPU_THREADS")
-    if env:
-        return max(1, int(env))
+    """Upper bound on threads: UPCYCLE_CPU_THREADS / `kernel_threads`, else `pool_threads`, else torch's; tiny
+    FFNs (tests, toys) use one."""
+    fixed = _env_threads()
+    if fixed:
+        return fixed
     n = _pool_threads or torch.get_num_threads()
     return n if work >= 1 << 18 else 1
 

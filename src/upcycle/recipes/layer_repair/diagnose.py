@@ -120,7 +120,11 @@ def buckets_for(length: int) -> list[tuple[int, int]]:
 
 class Screen:
     """Hooks on every bank-sparse FFN of `model`: per-layer statistics of every forward of more than one token
-    (a prompt's prefill), accumulated per position bucket; `kl_positions` positions per bucket for the KL."""
+    (a prompt's prefill), accumulated per position bucket; `kl_positions` positions per bucket for the KL.
+
+    The hooks sit on the FFN module and the norm before it, never on its linears: a hook there switches the
+    decode steps off the fused kernel, and greedy decoding on another summation order can flip near-ties, so
+    the screened model would score differently from the model `upcycle eval` runs."""
 
     def __init__(self, model: nn.Module, kl_positions: int = 32, seed: int = 0):
         self.model = model
@@ -131,7 +135,6 @@ class Screen:
         self.sums: dict[str, dict[int, dict[tuple[int, int], dict[str, float]]]] = {}
         self._hooks: list = []
         self._residual: dict[int, Tensor] = {}
-        self._used: dict[int, Tensor] = {}
         self.norm, self.head = _final_norm(model), model.get_output_embeddings()
         self._norms = _post_attention_norms(model)
 
@@ -141,8 +144,6 @@ class Screen:
             if norm is not None:
                 self._hooks.append(norm.register_forward_pre_hook(
                     lambda mod, args, i=idx: self._keep_residual(i, args[0])))
-            self._hooks.append(m.down_proj.register_forward_pre_hook(
-                lambda mod, args, i=idx: self._keep_used(i, args[0])))
             self._hooks.append(m.register_forward_hook(
                 lambda mod, args, out, i=idx: self._measure(i, mod, args[0], out)))
         return self
@@ -156,18 +157,13 @@ class Screen:
         if h.shape[-2] > 1:
             self._residual[i] = h.detach()
 
-    def _keep_used(self, i: int, hin: Tensor) -> None:
-        if hin.shape[-2] > 1:
-            self._used[i] = hin.detach() != 0
-
     @torch.no_grad()
     def _measure(self, i: int, m: BankSparseSwiGLU, x: Tensor, y: Tensor) -> None:
         if x.shape[-2] <= 1 or x.shape[0] != 1:  # decode steps (and batches) are not screened
             return
         x, y = x[0].float(), y[0].float()
         resid = self._residual.pop(i, None)
-        used = self._used.pop(i, None)
-        used = (used[0] if used is not None else m.kept_mask(x)).reshape(x.shape[0], -1)
+        used = m.kept_mask(x).reshape(x.shape[0], -1)
         h = m.act_fn(m.gate_proj(x)) * m.up_proj(x)
         habs = h.abs()
         oracle = bank_topk_mask(habs, m.bank_size, min(m.target_keep, m.bank_size))
