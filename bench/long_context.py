@@ -35,10 +35,11 @@ import time
 from pathlib import Path
 
 from common import RESULTS, machine_record, write_result
+from real_model import WORK
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-SMOLLM2 = Path(os.path.expanduser("~/.cache/upcycle/real_model/dense"))  # bench/real_model.py's parent
+SMOLLM2 = WORK / "dense"  # bench/real_model.py's parent (its geometry and tokenizer, when built)
 QWEN25_7B = {  # Qwen2.5-7B's config.json (the published one; only the shapes matter to the plan)
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
     "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,

